@@ -1,0 +1,72 @@
+# Distributed-DCGAN through CLAP: a table of contents. Every recipe calls one script.
+# Settings: vars.sh (defaults), .env (yours), or the command line: make run EPOCHS=5
+
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+VENV ?= .venv#            where the Python environment lives: make deps VENV=/opt/venv
+PYTHON ?= python3#        the Python that makes the venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.stamp
+PYTEST_ARGS ?=#           e.g. make test PYTEST_ARGS='-k role -x'
+
+##@ The experiment
+.PHONY: all
+all: $(STAMP) ## up, setup, run, results, then down (nodes are kept if a step fails)
+	$(PY) scripts/all.py
+
+.PHONY: check
+check: $(STAMP) ## check settings, files and credentials before anything starts
+	$(PY) scripts/check.py
+
+.PHONY: up
+up: $(STAMP) ## start NODES nodes and record them in nodes.json
+	$(PY) scripts/up.py
+
+.PHONY: setup
+setup: $(STAMP) ## play the dcgan role's setup on every node
+	$(PY) scripts/setup.py
+
+.PHONY: run
+run: $(STAMP) ## train EPOCHS epochs, one rank per node (re-attaches to a run still going)
+	$(PY) scripts/run.py
+
+.PHONY: results
+results: $(STAMP) ## copy the last run to RESULTS_DIR/<run_id>/
+	$(PY) scripts/results.py
+
+.PHONY: down
+down: $(STAMP) ## stop every node and clear nodes.json
+	$(PY) scripts/down.py
+
+.PHONY: status
+status: $(STAMP) ## nodes, steps and runs at a glance (no Ansible)
+	$(PY) scripts/status.py
+
+##@ Development
+.PHONY: deps
+deps: $(STAMP) ## make the venv with the pinned requirements (only when they change)
+
+$(STAMP): requirements.txt requirements-local.txt requirements-dev.txt
+	$(PY) -c '' 2>/dev/null || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt -r requirements-local.txt -r requirements-dev.txt
+	touch $@
+
+.PHONY: test
+test: $(STAMP) lint ## lint, then every test (root-only and CLAP tests skip with a reason)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+.PHONY: lint
+lint: $(STAMP) ## ruff, yamllint and ansible-lint (production profile)
+	$(PY) scripts/lint.py
+
+.PHONY: clean
+clean: ## remove the venv and generated files (refuses while nodes.json lists nodes)
+	$(PYTHON) scripts/clean.py $(VENV)
+
+.PHONY: help
+help: ## this list
+	@awk 'BEGIN {FS = ":.*## "} /^##@/ {printf "\n%s\n", substr($$0, 5)} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@printf '\nSettings (defaults in vars.sh; override in .env or as make NAME=value):\n'
+	@sed -n 's/^\([A-Z_]*\)=\([^ ]*\) *# */  \1=\2\t/p' vars.sh | expand -t 36

@@ -1,0 +1,235 @@
+#!/usr/bin/env python3
+"""Run one rank of a distributed job, detached, bounded, and aware of its peers.
+
+The `run` action starts one rank per node through this script. It survives the
+SSH connection that started it, so a dropped laptop does not stop training,
+and it ends its rank by itself when:
+  - the wall-clock bound (--timeout) passes,
+  - a peer rank exits with an error, or
+  - a peer stops beating its heartbeat for --peer-timeout seconds
+    (its node died or lost its network): gloo alone would block ~30 min.
+
+Ranks talk through files in the run folder, which is on the shared filesystem:
+  .rank-R.json  who runs rank R (node, PIDs, command)
+  .rank-R.beat  a counter the watchdog bumps every --beat seconds
+  .rank-R.exit  the outcome: {"code": N, "reason": "..."}
+
+Stdlib only, Python 3.8+: it runs with the node's system Python.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+EXIT_TIMEOUT = 124  # like coreutils' timeout
+EXIT_PEER_LOST = 125
+EXIT_STOPPED = 143
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+class Rank:
+    def __init__(self, run_dir: Path, rank: int) -> None:
+        self.run_dir = run_dir
+        self.rank = rank
+        self.info = run_dir / f".rank-{rank}.json"
+        self.beat = run_dir / f".rank-{rank}.beat"
+        self.exit = run_dir / f".rank-{rank}.exit"
+
+
+def start(args: argparse.Namespace) -> int:
+    me = Rank(args.run_dir, args.rank)
+    if me.info.exists():
+        print(f"rank {args.rank} of this run was already started: {me.info}")
+        return 0
+    first = os.fork()
+    if first:  # the caller (an Ansible task) returns once the rank is recorded
+        os.waitpid(first, 0)
+        deadline = time.monotonic() + 30
+        while not me.info.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not me.info.exists():
+            print(f"rank {args.rank} did not start: see {args.log}", file=sys.stderr)
+            return 1
+        print(f"rank {args.rank} started: {_read_json(me.info)}")
+        return 0
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os._exit(_watch(args, me))
+
+
+def _watch(args: argparse.Namespace, me: Rank) -> int:
+    with open(args.log, "ab") as log:
+        child = subprocess.Popen(args.command, stdin=subprocess.DEVNULL, stdout=log,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+    record = {"node": args.node, "watchdog_pid": os.getpid(), "pid": child.pid,
+              "started": time.time(), "command": args.command}
+    _write_json(me.info, record)
+    if args.node_state:
+        args.node_state.parent.mkdir(parents=True, exist_ok=True)
+        _write_json(args.node_state, {"run_dir": str(args.run_dir), "rank": args.rank,
+                                      "watchdog_pid": os.getpid()})
+
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append("stopped on request"))
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    started = time.monotonic()
+    peers = [Rank(args.run_dir, r) for r in range(args.world) if r != args.rank]
+    last_seen = {p.rank: (None, started) for p in peers}  # beat value, when it last changed
+    beat = 0
+    code, reason = None, ""
+    while code is None:
+        beat += 1
+        me.beat.write_text(str(beat))
+        now = time.monotonic()
+        status = child.poll()
+        if status is not None:
+            code, reason = status, "finished" if status == 0 else f"the app exited with code {status}"
+            break
+        if stopping:
+            code, reason = EXIT_STOPPED, stopping[0]
+        elif now - started > args.timeout:
+            code, reason = EXIT_TIMEOUT, f"the run passed its bound of {args.timeout} s"
+        for peer in [] if code is not None else peers:
+            outcome = _read_json(peer.exit)
+            if outcome is not None:
+                if outcome.get("code") != 0:
+                    code, reason = EXIT_PEER_LOST, f"rank {peer.rank} failed: {outcome.get('reason')}"
+                    break
+                continue
+            try:
+                value = peer.beat.read_text()
+            except FileNotFoundError:
+                value = None
+            if value != last_seen[peer.rank][0]:
+                last_seen[peer.rank] = (value, now)
+            elif now - last_seen[peer.rank][1] > args.peer_timeout:
+                silence = "never started" if value is None else "stopped answering"
+                code, reason = EXIT_PEER_LOST, (
+                    f"rank {peer.rank} {silence} for {args.peer_timeout} s (node down or unreachable)")
+                break
+        if code is None:
+            time.sleep(args.beat)
+
+    if child.poll() is None:
+        _stop_child(child, args.stop_command)
+    _write_json(me.exit, {"code": code, "reason": reason, "finished": time.time(),
+                          "seconds": round(time.monotonic() - started, 1)})
+    return 0
+
+
+def _stop_child(child: subprocess.Popen, stop_command: str | None) -> None:
+    if stop_command:  # a container outlives its `docker run` client
+        subprocess.run(stop_command, shell=True, check=False, timeout=60)
+    for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(child.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            child.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def wait(args: argparse.Namespace) -> int:
+    me = Rank(args.run_dir, args.rank)
+    info = _read_json(me.info)
+    if info is None:
+        print(f"rank {args.rank} was never started in {args.run_dir}", file=sys.stderr)
+        return 2
+    while not me.exit.exists():
+        if not _alive(info["watchdog_pid"]) and not me.exit.exists():
+            print(f"the watchdog of rank {args.rank} died (its node was restarted?)", file=sys.stderr)
+            return 1
+        time.sleep(args.poll)
+    outcome = _read_json(me.exit) or {"code": 1, "reason": "unreadable outcome"}
+    stream = sys.stdout if outcome["code"] == 0 else sys.stderr
+    print(f"rank {args.rank}: {outcome['reason']} after {outcome.get('seconds')} s", file=stream)
+    return 0 if outcome["code"] == 0 else 1
+
+
+def stop(args: argparse.Namespace) -> int:
+    """End the rank this node ran last, if it is still going (a leftover keeps the port)."""
+    state = _read_json(args.node_state)
+    if state is None or not _alive(state["watchdog_pid"]):
+        print("nothing to stop")
+        return 0
+    if args.keep_run_dir and Path(state["run_dir"]) == args.keep_run_dir:
+        print(f"rank {state['rank']} of this run is still going: kept")
+        return 0
+    os.kill(state["watchdog_pid"], signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while _alive(state["watchdog_pid"]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _alive(state["watchdog_pid"]):
+        print(f"rank {state['rank']} of {state['run_dir']} did not stop", file=sys.stderr)
+        return 1
+    print(f"stopped rank {state['rank']} of {state['run_dir']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="action", required=True)
+    p_start = sub.add_parser("start", help="start a rank, detached")
+    p_start.add_argument("--run-dir", type=Path, required=True)
+    p_start.add_argument("--rank", type=int, required=True)
+    p_start.add_argument("--world", type=int, required=True)
+    p_start.add_argument("--log", type=Path, required=True)
+    p_start.add_argument("--node", default="")
+    p_start.add_argument("--node-state", type=Path, help="where this node records its current rank")
+    p_start.add_argument("--timeout", type=float, default=3600, help="wall-clock bound, seconds")
+    p_start.add_argument("--peer-timeout", type=float, default=60, help="silence that means a peer is lost")
+    p_start.add_argument("--beat", type=float, default=2.0, help="heartbeat period, seconds")
+    p_start.add_argument("--stop-command", help="shell command that also stops the rank (containers)")
+    p_start.add_argument("command", nargs=argparse.REMAINDER, help="-- the rank's command")
+    p_wait = sub.add_parser("wait", help="wait for a rank's outcome; exit 0 when it finished well")
+    p_wait.add_argument("--run-dir", type=Path, required=True)
+    p_wait.add_argument("--rank", type=int, required=True)
+    p_wait.add_argument("--poll", type=float, default=1.0)
+    p_stop = sub.add_parser("stop", help="stop the rank this node ran last")
+    p_stop.add_argument("--node-state", type=Path, required=True)
+    p_stop.add_argument("--keep-run-dir", type=Path, help="a run folder whose rank is kept (re-attach)")
+    args = parser.parse_args(argv)
+    if args.action == "start":
+        args.command = args.command[1:] if args.command[:1] == ["--"] else args.command
+        if not args.command:
+            parser.error("start needs the rank's command after --")
+    return {"start": start, "wait": wait, "stop": stop}[args.action](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

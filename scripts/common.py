@@ -1,0 +1,537 @@
+"""What every step shares: settings, nodes.json, CLAP handles and the user's messages.
+
+One path for every setting: its default in vars.sh, then .env, then the
+environment (which `make NAME=value` sets); validated here, once, with the
+sentence the user sees.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+STATE_FORMAT = 1
+PROJECT = "dcgan-clap"
+ROLE = "dcgan"
+NODE_PYTHON = "/usr/bin/python3"
+
+PROVIDER_DEFAULTS = {
+    "local": {
+        "INSTANCE_TYPE": "type-local",
+        "RUNNER": "native",
+        "EFS_MOUNT_POINT": str(ROOT / ".cluster" / "efs"),
+        "USER_DIR": "{EFS_MOUNT_POINT}/dcgan",
+        "DCGAN_DIR": str(ROOT / "demo"),
+        "CIFAR_DATA_DIR": "{EFS_MOUNT_POINT}/data/cifar10",
+        "DCGAN_PYTHON": sys.executable,
+    },
+    "aws": {
+        "INSTANCE_TYPE": "type-t2.medium",
+        "RUNNER": "docker",
+        "EFS_MOUNT_POINT": "/home/ubuntu/efs",
+        "USER_DIR": "{EFS_MOUNT_POINT}/dcgan",
+        "DCGAN_DIR": "{USER_DIR}/Distributed-DCGAN",
+        "CIFAR_DATA_DIR": "{EFS_MOUNT_POINT}/data/cifar10",
+        "DCGAN_PYTHON": "python3",
+    },
+}
+
+
+class UserError(Exception):
+    """A mistake the user can fix; its message is the one sentence they see."""
+
+
+# -- output ------------------------------------------------------------------
+def _paint(code: str, text: str, stream: Any) -> str:
+    return f"\033[{code}m{text}\033[0m" if stream.isatty() and not os.environ.get("NO_COLOR") else text
+
+
+def say(text: str) -> None:
+    print(_paint("32", "==> ", sys.stdout) + text, flush=True)
+
+
+def warn(text: str) -> None:
+    print(_paint("33", "warning: ", sys.stderr) + text, file=sys.stderr, flush=True)
+
+
+def fail(text: str) -> None:
+    print(_paint("31", "error: ", sys.stderr) + text, file=sys.stderr, flush=True)
+
+
+def main_guard(main: Any) -> None:
+    """Run a step's main(); a UserError is one line and exit 1, Ctrl-C exit 130."""
+    try:
+        sys.exit(main())
+    except UserError as error:
+        fail(str(error))
+        sys.exit(1)
+    except KeyboardInterrupt:
+        fail("interrupted; what was started is recorded: `make status` shows it, `make down` stops it.")
+        sys.exit(130)
+
+
+# -- settings ----------------------------------------------------------------
+def _read_assignments(path: Path) -> dict[str, str]:
+    values = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, value = line.partition("=")
+        if not sep or not name.strip().isidentifier():
+            raise UserError(f"{path}:{number}: expected NAME=value, got '{line}'.")
+        try:
+            values[name.strip()] = " ".join(shlex.split(value, comments=True))
+        except ValueError as error:
+            raise UserError(f"{path}:{number}: {error} in '{line}': close the quote.") from None
+    return values
+
+
+@dataclass(frozen=True)
+class Settings:
+    provider: str
+    nodes: int
+    instance_type: str
+    epochs: int
+    results_dir: Path
+    nodes_file: Path
+    runner: str
+    efs_host: str
+    efs_mount_point: str
+    user_dir: str
+    dcgan_dir: str
+    cifar_data_dir: str
+    dcgan_python: str
+    app_args: str
+    synthetic_images: int
+    connection_tries: int
+    run_timeout: int
+    master_port: int
+    keypair_name: str
+    ssh_hosts: list[str]
+    ssh_user: str
+    local_subnet: str
+    clap_path: Path
+    clap: Path
+    user_set: frozenset[str] = field(default_factory=frozenset)  # the names the user set
+
+    @property
+    def synthetic_data(self) -> bool:
+        """The local default with no data of the user's: we make a synthetic set."""
+        return self.provider == "local" and "CIFAR_DATA_DIR" not in self.user_set
+
+    @property
+    def local_dir(self) -> Path:
+        """Where the local provider keeps its hosts' records."""
+        return self.clap_path / "storage" / "local"
+
+
+def _whole(raw: dict[str, str], name: str, minimum: int, example: str) -> int:
+    value = raw[name].strip()
+    try:
+        number = int(value)
+    except ValueError:
+        raise UserError(f"{name}={value!r} is not a whole number: set it like {name}={example}.") from None
+    if number < minimum:
+        raise UserError(f"{name}={number} must be at least {minimum}: set it like {name}={example}.")
+    return number
+
+
+def load_settings(environ: dict[str, str] | None = None) -> Settings:
+    environ = dict(os.environ if environ is None else environ)
+    raw = _read_assignments(ROOT / "vars.sh")
+    env_file = ROOT / ".env"
+    user: dict[str, str] = _read_assignments(env_file) if env_file.exists() else {}
+    user.update({name: environ[name] for name in raw if name in environ})
+    user = {name: value for name, value in user.items() if name in raw}
+    raw.update(user)
+    user_set = frozenset(name for name, value in user.items() if value.strip())
+
+    provider = raw["PROVIDER"].strip()
+    if provider not in PROVIDER_DEFAULTS:
+        raise UserError(f"PROVIDER={provider!r} is unknown: use PROVIDER=local or PROVIDER=aws.")
+    for name, default in PROVIDER_DEFAULTS[provider].items():
+        if not raw[name].strip():
+            raw[name] = default
+    if provider == "local" and raw["SSH_HOSTS"].strip() and "INSTANCE_TYPE" not in user_set:
+        raw["INSTANCE_TYPE"] = "type-ssh"
+    for name in ("EFS_MOUNT_POINT", "USER_DIR", "DCGAN_DIR", "CIFAR_DATA_DIR"):
+        raw[name] = raw[name].format(**raw)
+    if raw["RUNNER"] not in ("native", "docker"):
+        raise UserError(f"RUNNER={raw['RUNNER']!r} is unknown: use RUNNER=native or RUNNER=docker.")
+
+    def local_path(name: str) -> str:
+        # On the local cluster the nodes share this machine's filesystem: resolve here.
+        return str(Path(raw[name]).resolve()) if provider == "local" else raw[name]
+
+    clap_path = (ROOT / raw["CLAP_PATH"]).resolve()
+    return Settings(
+        provider=provider,
+        nodes=_whole(raw, "NODES", 1, "2"),
+        instance_type=raw["INSTANCE_TYPE"],
+        epochs=_whole(raw, "EPOCHS", 1, "2"),
+        results_dir=Path(raw["RESULTS_DIR"]).resolve(),
+        nodes_file=Path(raw["NODES_FILE"]).resolve(),
+        runner=raw["RUNNER"],
+        efs_host=raw["EFS_HOST"],
+        efs_mount_point=local_path("EFS_MOUNT_POINT"),
+        user_dir=local_path("USER_DIR"),
+        dcgan_dir=local_path("DCGAN_DIR"),
+        cifar_data_dir=local_path("CIFAR_DATA_DIR"),
+        dcgan_python=raw["DCGAN_PYTHON"],
+        app_args=raw["APP_ARGS"],
+        synthetic_images=_whole(raw, "SYNTHETIC_IMAGES", 32, "512"),
+        connection_tries=_whole(raw, "CONNECTION_TRIES", 0, "3"),
+        run_timeout=_whole(raw, "RUN_TIMEOUT", 30, "3600"),
+        master_port=_whole(raw, "MASTER_PORT", 1024, "29500"),
+        keypair_name=raw["KEYPAIR_NAME"],
+        ssh_hosts=[h.strip() for h in raw["SSH_HOSTS"].split(",") if h.strip()],
+        ssh_user=raw["SSH_USER"],
+        local_subnet=raw["LOCAL_SUBNET"],
+        clap_path=clap_path,
+        clap=Path(environ.get("CLAP") or ROOT / "CLAP").resolve(),
+        user_set=user_set,
+    )
+
+
+# -- configuration files -------------------------------------------------------
+def read_yaml(path: Path) -> dict:
+    """A CLAP config or role file, with the line of a syntax error named."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing: restore it from git (git checkout -- {path}).") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        problem = getattr(error, "problem", error)
+        raise UserError(f"{path}{where} is not valid YAML ({problem}): fix that line.") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a mapping of names to settings: fix its content.")
+    return data
+
+
+def check_configs(settings: Settings) -> dict:
+    """Every CLAP file parses, and INSTANCE_TYPE names a template of PROVIDER. Returns the template."""
+    configs = settings.clap_path / "configs"
+    providers = read_yaml(configs / "providers.yaml")
+    read_yaml(configs / "logins.yaml")
+    instances = read_yaml(configs / "instances.yaml")
+    read_yaml(settings.clap_path / "roles" / "actions.d" / f"{ROLE}.yml")
+    template = instances.get(settings.instance_type)
+    if template is None:
+        choices = ", ".join(sorted(instances))
+        raise UserError(f"INSTANCE_TYPE={settings.instance_type!r} is not in {configs / 'instances.yaml'}: "
+                        f"use one of {choices}.")
+    kind = providers.get(template.get("provider"), {}).get("provider")
+    if kind != settings.provider:
+        raise UserError(f"INSTANCE_TYPE={settings.instance_type} belongs to provider {kind!r}, not "
+                        f"PROVIDER={settings.provider}: pick a template of {settings.provider}.")
+    return template
+
+
+# -- nodes.json ------------------------------------------------------------------
+def read_state(settings: Settings) -> dict | None:
+    path = settings.nodes_file
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        raise UserError(f"{path} is damaged (not JSON): `make status` and `make down` still find the nodes "
+                        f"through CLAP's records; after `make down`, delete {path.name}.") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise UserError(f"{path} has format {state.get('format') if isinstance(state, dict) else '?'}, "
+                        f"this version reads format {STATE_FORMAT}: stop its nodes with the version that "
+                        f"made it (or `make down`, which also finds them through CLAP), then delete it.")
+    return state
+
+
+def write_state(settings: Settings, state: dict | None) -> None:
+    """Replace nodes.json atomically (a crash leaves the old or the new file, never half)."""
+    path = settings.nodes_file
+    if state is None:
+        path.unlink(missing_ok=True)
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as out:
+        json.dump(state, out, indent=2)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+
+
+@contextmanager
+def exclusive(settings: Settings, step: str) -> Iterator[None]:
+    """One step at a time on a nodes.json: a second command refuses, naming the first."""
+    lock_path = settings.nodes_file.with_name(f".{settings.nodes_file.name}.lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another command"
+            raise UserError(f"{holder} is using {settings.nodes_file.name}: wait for it to end "
+                            f"(or stop it), then run `make {step}` again.") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"`make {step}` (PID {os.getpid()})")
+        lock.flush()
+        try:
+            yield
+        finally:
+            lock.truncate(0)
+
+
+def need_nodes(settings: Settings, step: str) -> dict:
+    state = read_state(settings)
+    if not state or not state.get("nodes"):
+        raise UserError(f"no nodes in {settings.nodes_file.name}: run `make up` before `make {step}`.")
+    return state
+
+
+@contextmanager
+def recording(settings: Settings, state: dict, step: str) -> Iterator[dict]:
+    """Record a step as running, then done or failed, with its times, in nodes.json."""
+    started = time.time()
+    state.setdefault("steps", {})[step] = {"state": "running", "started": started}
+    write_state(settings, state)
+    outcome = "failed"
+    try:
+        yield state
+        outcome = "done"
+    finally:
+        finished = time.time()
+        state["steps"][step] = {"state": outcome, "started": started, "finished": finished,
+                                "seconds": round(finished - started, 2)}
+        write_state(settings, state)
+
+
+def node_ids(state: dict) -> list[str]:
+    return [node["id"] for node in state["nodes"]]
+
+
+# -- CLAP ------------------------------------------------------------------------
+@dataclass
+class Clap:
+    config_db: Any
+    node_manager: Any
+    role_manager: Any
+
+
+def import_clap(settings: Settings) -> None:
+    """Put CLAP on sys.path with CLAP_PATH set first: CLAP reads it at import time."""
+    if not (settings.clap / "app" / "cli" / "modules" / "node.py").exists():
+        raise UserError(f"CLAP not found at {settings.clap}: run `git submodule update --init`, "
+                        f"or set CLAP=/path/to/a/CLAP/checkout.")
+    os.environ["CLAP_PATH"] = str(settings.clap_path)
+    for path in (str(settings.clap), str(Path(__file__).parent)):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+
+
+def clap(settings: Settings, state: dict | None = None) -> Clap:
+    import_clap(settings)
+    configure_ansible(settings)
+    from app.cli.modules.node import get_config_db, get_node_manager
+    from app.cli.modules.role import get_role_manager
+    from local_hosts import LocalHosts
+    from local_provider import LocalProvider
+
+    node_manager = get_node_manager()
+    node_manager.providers["local"] = LocalProvider(
+        LocalHosts(settings.local_dir, settings.local_subnet), settings.clap_path / "private",
+        known_hosts_file(settings), settings.ssh_hosts, cluster_tags(state))
+    return Clap(get_config_db(), node_manager, get_role_manager())
+
+
+def cluster_tags(state: dict | None) -> dict[str, str]:
+    return {"project": PROJECT, "cluster": state["cluster_id"]} if state else {"project": PROJECT}
+
+
+def known_hosts_file(settings: Settings) -> Path:
+    return settings.clap_path / "storage" / "known_hosts"
+
+
+def control_dir(settings: Settings) -> Path:
+    return settings.clap_path / "storage" / "cp"
+
+
+def configure_ansible(settings: Settings) -> None:
+    """Ansible settings reach CLAP's runs through the environment (CLAP copies it)."""
+    os.environ.update({
+        "ANSIBLE_PIPELINING": "True",
+        "ANSIBLE_SSH_ARGS": (
+            "-o ControlMaster=auto -o ControlPersist=60s -o ServerAliveInterval=15 -o ConnectTimeout=10 "
+            f"-o StrictHostKeyChecking=accept-new -o UserKnownHostsFile={known_hosts_file(settings)}"),
+        "ANSIBLE_SSH_CONTROL_PATH_DIR": str(control_dir(settings)),
+        "ANSIBLE_FORKS": str(max(5, settings.nodes)),
+        "ANSIBLE_DEPRECATION_WARNINGS": "False",
+        "ANSIBLE_LOCALHOST_WARNING": "False",
+        "ANSIBLE_RETRY_FILES_ENABLED": "False",
+        "ANSIBLE_SYSTEM_WARNINGS": "False",
+        "ANSIBLE_NOCOLOR": "False" if sys.stdout.isatty() else "True",
+    })
+    # ansible-runner runs `ansible-playbook` from PATH: the one beside this Python.
+    bin_dir = str(Path(sys.executable).parent)
+    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+
+
+def close_connections(settings: Settings) -> None:
+    """End Ansible's persistent SSH connections to the cluster (they outlive the step)."""
+    for socket_path in control_dir(settings).glob("*"):
+        subprocess.run(["ssh", "-o", f"ControlPath={socket_path}", "-O", "exit", "dcgan-node"],
+                       capture_output=True, check=False, timeout=10)
+
+
+def instance_info(settings: Settings, config_db: Any) -> Any:
+    """The instance template, with the login filled from the user's settings."""
+    info = config_db.instance_descriptors.get(settings.instance_type)
+    if info is None:
+        raise UserError(f"CLAP dropped INSTANCE_TYPE={settings.instance_type} while loading "
+                        f"{settings.clap_path / 'configs'} (its login or provider is invalid): see the log above.")
+    if settings.provider == "aws":
+        info.login.keypair_name = settings.keypair_name
+    if info.instance.flavor == "ssh":
+        info.login.user = settings.ssh_user
+    return info
+
+
+def node_vars(state: dict) -> dict[str, dict]:
+    return {
+        node["id"]: {"node_rank": node["rank"], "private_ip": node["private_address"],
+                     "ansible_python_interpreter": NODE_PYTHON}
+        for node in state["nodes"]
+    }
+
+
+def role_vars(settings: Settings, state: dict, action: str, run_id: str = "") -> dict[str, Any]:
+    """The extra vars of one action of the dcgan role, from the settings."""
+    shared = {"user_dir": settings.user_dir, "efs_mount_point": settings.efs_mount_point,
+              "runner": settings.runner, "dcgan_dir": settings.dcgan_dir,
+              "cifar_data_dir": settings.cifar_data_dir, "dcgan_python": settings.dcgan_python}
+    if action == "setup":
+        return {**shared, "efs_host": settings.efs_host}
+    if action == "run":
+        threads = max(1, (os.cpu_count() or 1) // settings.nodes) if settings.provider == "local" else 0
+        return {**shared, "master_hostname": state["nodes"][0]["id"], "run_id": run_id,
+                "epochs": settings.epochs, "master_port": settings.master_port,
+                "run_timeout": settings.run_timeout, "app_args": settings.app_args,
+                "omp_num_threads": threads}
+    if action == "results":
+        return {"user_dir": settings.user_dir, "results_dir": str(settings.results_dir), "run_id": run_id}
+    raise ValueError(action)
+
+
+def playbook_failure(result: Any, state: dict) -> str:
+    """Which nodes failed a playbook, and the first message each gave."""
+    ranks = {node["id"]: node["rank"] for node in state["nodes"]}
+    failures = []
+    for host, ok in sorted(result.hosts.items(), key=lambda item: ranks.get(item[0], -1)):
+        if ok:
+            continue
+        message = "unreachable"
+        for event in result.events.get(host, []):
+            if event.get("event") in ("runner_on_failed", "runner_on_unreachable"):
+                res = event.get("event_data", {}).get("res", {})
+                message = (res.get("msg") or res.get("stderr") or "").strip().splitlines()
+                message = message[-1] if message else event["event"]
+                break
+        failures.append(f"node {host[:8]} (rank {ranks.get(host, '?')}): {message}")
+    return "; ".join(failures) or f"ansible-playbook exited with {result.ret_code} (see the output above)"
+
+
+# -- checks before anything starts -------------------------------------------------
+def check_results_dir(settings: Settings) -> None:
+    existing = next(p for p in [settings.results_dir, *settings.results_dir.parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"RESULTS_DIR={settings.results_dir} is not writable ({existing} is not a writable "
+                        f"folder): point RESULTS_DIR at a folder you can write.")
+
+
+def check_local(settings: Settings) -> None:
+    """What the local provider needs on this machine, and the user's app and data."""
+    if os.geteuid() != 0 and not settings.ssh_hosts:
+        raise UserError("the local cluster needs root (it makes network namespaces): run it as root, "
+                        "e.g. `sudo make all`.")
+    for tool, package in (("ip", "iproute2"), ("sshd", "openssh-server"), ("unshare", "util-linux"),
+                          ("ssh", "openssh-client")):
+        if not any(Path(d, tool).exists() for d in ("/usr/sbin", "/usr/bin", "/sbin", "/bin")):
+            raise UserError(f"`{tool}` is missing: apt-get install {package}.")
+    if "DCGAN_DIR" in settings.user_set and not Path(settings.dcgan_dir, "dist_dcgan.py").is_file():
+        raise UserError(f"DCGAN_DIR={settings.dcgan_dir} has no dist_dcgan.py: point DCGAN_DIR at a clone of "
+                        f"eborin/Distributed-DCGAN (or leave it empty for the demo app).")
+    if "CIFAR_DATA_DIR" in settings.user_set and not test_batch(settings).is_file():
+        raise UserError(f"CIFAR_DATA_DIR={settings.cifar_data_dir} has no cifar-10-batches-py/test_batch: "
+                        f"extract cifar-10-python.tar.gz there (or leave it empty for a synthetic set).")
+    if not shutil.which(settings.dcgan_python):
+        raise UserError(f"DCGAN_PYTHON={settings.dcgan_python} is not an executable: point it at a Python "
+                        f"that has torch.")
+
+
+def test_batch(settings: Settings) -> Path:
+    return Path(settings.cifar_data_dir, "cifar-10-batches-py", "test_batch")
+
+
+def ensure_local_key(settings: Settings) -> None:
+    """The login key of the namespace hosts, made once, private (0600)."""
+    key = settings.clap_path / "private" / "local_key"
+    if not key.exists():
+        key.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "dcgan-local-cluster",
+                        "-f", str(key)], check=True)
+    key.chmod(0o600)
+
+
+def preflight(settings: Settings) -> None:
+    """Everything that can be checked before a node is started or a file is touched."""
+    check_configs(settings)
+    check_results_dir(settings)
+    if settings.provider == "local":
+        check_local(settings)
+
+
+def nodes_alive(handles: Clap, ids: list[str]) -> dict[str, bool]:
+    """Ask each node's provider (no SSH): is the machine there and running?"""
+    from clap.node import NodeStatus
+
+    known = handles.node_manager.get_nodes_by_id(ids)
+    alive = dict.fromkeys(ids, False)
+    for provider, nodes in handles.node_manager.group_nodes_by_provider(known).items():
+        for node in handles.node_manager.providers[provider].update_instance_info(nodes):
+            alive[node.node_id] = node.status in (NodeStatus.STARTED, NodeStatus.REACHABLE)
+    return alive
+
+
+def project_nodes(handles: Clap, state: dict | None) -> list[str]:
+    """Nodes in CLAP's records made by this project: those of this cluster, or all when it is unknown."""
+    wanted = cluster_tags(state)
+    return [node.node_id for node in handles.node_manager.get_all_nodes()
+            if all(node.tags.get(key) == value for key, value in wanted.items())]
+
+
+def stop_local_orphans(settings: Settings, handles: Clap) -> int:
+    """Namespace hosts that no CLAP record names (their `up` died before CLAP wrote one)."""
+    provider = handles.node_manager.providers["local"]
+    recorded = {node.cloud_instance_id for node in handles.node_manager.get_all_nodes()}
+    orphans = [host.name for host in provider.hosts.hosts() if host.name not in recorded]
+    if orphans:
+        warn(f"removing {len(orphans)} local hosts no record names: {', '.join(orphans)}")
+        provider.hosts.destroy(orphans)
+    return len(orphans)

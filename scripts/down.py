@@ -1,0 +1,48 @@
+"""make down: stop every node of the cluster and clear nodes.json once CLAP confirms.
+
+Idempotent. It also finds nodes that nodes.json lost (a damaged file, a Ctrl-C
+at the wrong time) through CLAP's records and the local provider's own records.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import common
+from common import UserError
+
+
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(description=__doc__).parse_args(argv)
+    settings = common.load_settings()
+    with common.exclusive(settings, "down"):
+        try:
+            state = common.read_state(settings)
+        except UserError as error:
+            common.warn(f"{error} Stopping every node CLAP knows for this project instead.")
+            state = None
+        handles = common.clap(settings, state)
+        ids = common.node_ids(state) if state else []
+        ids += [n for n in common.project_nodes(handles, state) if n not in ids]
+        if ids:
+            common.say(f"stopping {len(ids)} nodes")
+            stopped = set(handles.node_manager.stop_nodes(ids))
+            left = [node_id[:8] for node_id in ids if node_id not in stopped]
+            if left:
+                raise UserError(f"nodes {', '.join(left)} did not stop (see above); they stay in "
+                                f"{settings.nodes_file.name}: run `make down` again.")
+        orphans = common.stop_local_orphans(settings, handles)
+        common.close_connections(settings)
+        for run in (state or {}).get("runs", []):
+            if not run.get("fetched") and settings.provider == "local":
+                common.warn(f"run {run['id']} was never fetched; it stays in {settings.user_dir}/runs/{run['id']}")
+        common.write_state(settings, None)
+    if not ids and not orphans:
+        common.say("nothing running: already down.")
+    else:
+        common.say(f"down: {len(ids) + orphans} nodes stopped, {settings.nodes_file.name} cleared.")
+    return 0
+
+
+if __name__ == "__main__":
+    common.main_guard(main)

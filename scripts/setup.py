@@ -1,0 +1,48 @@
+"""make setup: play the dcgan role's setup on every node (idempotent: a re-run changes nothing)."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+
+import common
+from common import UserError
+
+
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(description=__doc__).parse_args(argv)
+    settings = common.load_settings()
+    with common.exclusive(settings, "setup"):
+        state = common.need_nodes(settings, "setup")
+        common.preflight(settings)
+        if settings.synthetic_data:
+            make_synthetic_data(settings)
+        handles = common.clap(settings, state)
+        ids = common.node_ids(state)
+        args = {"node_vars": common.node_vars(state), "extra_args": common.role_vars(settings, state, "setup")}
+        with common.recording(settings, state, "setup"):
+            assigned = set(handles.role_manager.get_role_nodes(common.ROLE, ids).get("", []))
+            if assigned == set(ids):
+                result = handles.role_manager.perform_action(common.ROLE, "setup", ids, **args)
+                if not result.ok:
+                    raise UserError(f"setup failed: {common.playbook_failure(result, state)}")
+            else:
+                from clap.role_manager import RoleAssignmentError
+
+                try:
+                    handles.role_manager.add_role(common.ROLE, ids, **args)
+                except RoleAssignmentError:
+                    raise UserError("setup failed on a node (its message is in the Ansible output above): "
+                                    "fix it, then `make setup` again.") from None
+    common.say(f"setup done on {len(ids)} nodes in {state['steps']['setup']['seconds']:.1f} s; next: make run")
+    return 0
+
+
+def make_synthetic_data(settings: common.Settings) -> None:
+    """The local default trains on a synthetic CIFAR-10 set, made once on the shared filesystem."""
+    subprocess.run([settings.dcgan_python, str(common.ROOT / "demo" / "make_cifar.py"),
+                    "--out", settings.cifar_data_dir, "--test-images", str(settings.synthetic_images)], check=True)
+
+
+if __name__ == "__main__":
+    common.main_guard(main)

@@ -1,0 +1,65 @@
+"""make status: the cluster at a glance, without running Ansible.
+
+Provider, nodes (rank, address, alive), steps done with their times, runs.
+With nodes.json lost or damaged, it lists what CLAP's records still know.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import common
+from common import UserError
+
+
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(description=__doc__).parse_args(argv)
+    settings = common.load_settings()
+    try:
+        state = common.read_state(settings)
+    except UserError as error:
+        common.warn(str(error))
+        state = None
+    if state is None or not state.get("nodes"):
+        return report_records(settings, state)
+
+    handles = common.clap(settings, state)
+    alive = common.nodes_alive(handles, common.node_ids(state))
+    age = time.time() - state["created"]
+    print(f"cluster {state['cluster_id']}  provider {state['provider']}  {state['instance_type']}  "
+          f"up {age / 60:.0f} min")
+    for node in state["nodes"]:
+        print(f"  rank {node['rank']}  {node['id'][:8]}  {node['address']:15}  "
+              f"{'alive' if alive[node['id']] else 'GONE'}")
+    for step, record in state.get("steps", {}).items():
+        took = f"{record['seconds']:.1f} s" if "seconds" in record else "since " + _clock(record["started"])
+        print(f"  {step:8} {record['state']:8} {took}")
+    for run in state.get("runs", []):
+        fetched = f"fetched to {run['fetched']}" if run.get("fetched") else "not fetched"
+        print(f"  {run['id']}  {run['state']:8} {run['epochs']} epochs  {fetched}")
+    return 0 if all(alive.values()) else 1
+
+
+def report_records(settings: common.Settings, state: dict | None) -> int:
+    """No usable nodes.json: is anything of ours still running?"""
+    handles = common.clap(settings, state)
+    ids = common.project_nodes(handles, None)
+    if not ids:
+        print(f"no cluster: nothing in {settings.nodes_file.name} and no node of this project in CLAP's records.")
+        return 0
+    alive = common.nodes_alive(handles, ids)
+    print(f"{settings.nodes_file.name} lists no nodes, but CLAP's records hold {len(ids)} of this project:")
+    for node in handles.node_manager.get_nodes_by_id(ids):
+        print(f"  {node.node_id[:8]}  {node.ip or '-':15}  {'alive' if alive[node.node_id] else 'gone'}  "
+              f"cluster {node.tags.get('cluster', '?')}")
+    print("`make down` stops them.")
+    return 1
+
+
+def _clock(timestamp: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(timestamp))
+
+
+if __name__ == "__main__":
+    common.main_guard(main)

@@ -1,0 +1,27 @@
+# Defaults of every setting, one per line as NAME=value (no shell expansion).
+# Override them in .env (see .env.example), or on the command line: make run EPOCHS=5.
+# An empty value means the provider's own default, given in the comment.
+
+PROVIDER=local              # local (hosts on this machine, the default) or aws
+NODES=2                     # nodes to start; rank 0 is the master
+INSTANCE_TYPE=              # local: type-local (type-ssh when SSH_HOSTS is set); aws: type-t2.medium
+EPOCHS=2                    # training epochs
+RESULTS_DIR=results         # where `make results` puts RESULTS_DIR/<run_id>/
+NODES_FILE=nodes.json       # the state the steps pass to each other
+RUNNER=                     # local: native; aws: docker
+EFS_HOST=                   # NFS/EFS server the nodes mount (aws); empty: none
+EFS_MOUNT_POINT=            # local: .cluster/efs; aws: /home/ubuntu/efs
+USER_DIR=                   # local: .cluster/efs/dcgan; aws: EFS_MOUNT_POINT/dcgan
+DCGAN_DIR=                  # local: demo (our small app); aws: USER_DIR/Distributed-DCGAN
+CIFAR_DATA_DIR=             # local: synthetic set in .cluster/efs/data/cifar10; aws: EFS_MOUNT_POINT/data/cifar10
+DCGAN_PYTHON=               # native runner's Python with torch; local: this project's venv
+APP_ARGS=                   # extra arguments for dist_dcgan.py, e.g. --max_workers 0
+SYNTHETIC_IMAGES=512        # size of the synthetic CIFAR-10 test set made for the local default
+CONNECTION_TRIES=3          # SSH liveness attempts at `up`; 0 = no SSH attempt
+RUN_TIMEOUT=3600            # wall-clock bound of a run, seconds
+MASTER_PORT=29500           # rendezvous port on rank 0
+KEYPAIR_NAME=               # aws: name of your EC2 key pair (key.pem/key.pub in clap_config/private)
+SSH_HOSTS=                  # local: your own machines instead of namespace hosts, comma-separated
+SSH_USER=root               # local with SSH_HOSTS: the login user (key: clap_config/private/ssh_key)
+LOCAL_SUBNET=10.213.0.0/24  # local: the namespace hosts' private subnet
+CLAP_PATH=clap_config       # CLAP's configuration, roles and records

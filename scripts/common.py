@@ -8,12 +8,14 @@ sentence the user sees.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -154,7 +156,7 @@ def _whole(raw: dict[str, str], name: str, minimum: int, example: str) -> int:
 def load_settings(environ: dict[str, str] | None = None) -> Settings:
     environ = dict(os.environ if environ is None else environ)
     raw = _read_assignments(ROOT / "vars.sh")
-    env_file = ROOT / ".env"
+    env_file = Path(environ.get("ENV_FILE") or ROOT / ".env")
     user: dict[str, str] = _read_assignments(env_file) if env_file.exists() else {}
     user.update({name: environ[name] for name in raw if name in environ})
     user = {name: value for name, value in user.items() if name in raw}
@@ -347,9 +349,10 @@ def import_clap(settings: Settings) -> None:
 
 def clap(settings: Settings, state: dict | None = None) -> Clap:
     import_clap(settings)
-    configure_ansible(settings)
+    os.environ.update(ansible_env(settings))  # CLAP hands os.environ to Ansible
     from app.cli.modules.node import get_config_db, get_node_manager
     from app.cli.modules.role import get_role_manager
+
     from local_hosts import LocalHosts
     from local_provider import LocalProvider
 
@@ -369,12 +372,15 @@ def known_hosts_file(settings: Settings) -> Path:
 
 
 def control_dir(settings: Settings) -> Path:
-    return settings.clap_path / "storage" / "cp"
+    """Ansible's SSH sockets: one folder per CLAP_PATH, short (a socket path has ~100 characters)."""
+    digest = hashlib.sha1(str(settings.clap_path).encode()).hexdigest()[:10]
+    return Path(tempfile.gettempdir()) / f"dcgan-cp-{digest}"
 
 
-def configure_ansible(settings: Settings) -> None:
-    """Ansible settings reach CLAP's runs through the environment (CLAP copies it)."""
-    os.environ.update({
+def ansible_env(settings: Settings) -> dict[str, str]:
+    """Ansible settings for the cluster; they reach CLAP's runs through the environment."""
+    bin_dir = str(Path(sys.executable).parent)  # ansible-runner runs the `ansible-playbook` on PATH
+    return {
         "ANSIBLE_PIPELINING": "True",
         "ANSIBLE_SSH_ARGS": (
             "-o ControlMaster=auto -o ControlPersist=60s -o ServerAliveInterval=15 -o ConnectTimeout=10 "
@@ -386,11 +392,8 @@ def configure_ansible(settings: Settings) -> None:
         "ANSIBLE_RETRY_FILES_ENABLED": "False",
         "ANSIBLE_SYSTEM_WARNINGS": "False",
         "ANSIBLE_NOCOLOR": "False" if sys.stdout.isatty() else "True",
-    })
-    # ansible-runner runs `ansible-playbook` from PATH: the one beside this Python.
-    bin_dir = str(Path(sys.executable).parent)
-    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
-        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+        "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+    }
 
 
 def close_connections(settings: Settings) -> None:
@@ -460,13 +463,21 @@ def playbook_failure(result: Any, state: dict) -> str:
 # -- checks before anything starts -------------------------------------------------
 def check_results_dir(settings: Settings) -> None:
     existing = next(p for p in [settings.results_dir, *settings.results_dir.parents] if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    try:  # a real write: root passes every permission check but not a read-only or virtual filesystem
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError:
         raise UserError(f"RESULTS_DIR={settings.results_dir} is not writable ({existing} is not a writable "
-                        f"folder): point RESULTS_DIR at a folder you can write.")
+                        f"folder): point RESULTS_DIR at a folder you can write.") from None
 
 
 def check_local(settings: Settings) -> None:
     """What the local provider needs on this machine, and the user's app and data."""
+    if "DCGAN_DIR" in settings.user_set and not Path(settings.dcgan_dir, "dist_dcgan.py").is_file():
+        raise UserError(f"DCGAN_DIR={settings.dcgan_dir} has no dist_dcgan.py: point DCGAN_DIR at a clone of "
+                        f"eborin/Distributed-DCGAN (or leave it empty for the demo app).")
+    if "CIFAR_DATA_DIR" in settings.user_set and not test_batch(settings).is_file():
+        raise UserError(f"CIFAR_DATA_DIR={settings.cifar_data_dir} has no cifar-10-batches-py/test_batch: "
+                        f"extract cifar-10-python.tar.gz there (or leave it empty for a synthetic set).")
     if os.geteuid() != 0 and not settings.ssh_hosts:
         raise UserError("the local cluster needs root (it makes network namespaces): run it as root, "
                         "e.g. `sudo make all`.")
@@ -474,12 +485,6 @@ def check_local(settings: Settings) -> None:
                           ("ssh", "openssh-client")):
         if not any(Path(d, tool).exists() for d in ("/usr/sbin", "/usr/bin", "/sbin", "/bin")):
             raise UserError(f"`{tool}` is missing: apt-get install {package}.")
-    if "DCGAN_DIR" in settings.user_set and not Path(settings.dcgan_dir, "dist_dcgan.py").is_file():
-        raise UserError(f"DCGAN_DIR={settings.dcgan_dir} has no dist_dcgan.py: point DCGAN_DIR at a clone of "
-                        f"eborin/Distributed-DCGAN (or leave it empty for the demo app).")
-    if "CIFAR_DATA_DIR" in settings.user_set and not test_batch(settings).is_file():
-        raise UserError(f"CIFAR_DATA_DIR={settings.cifar_data_dir} has no cifar-10-batches-py/test_batch: "
-                        f"extract cifar-10-python.tar.gz there (or leave it empty for a synthetic set).")
     if not shutil.which(settings.dcgan_python):
         raise UserError(f"DCGAN_PYTHON={settings.dcgan_python} is not an executable: point it at a Python "
                         f"that has torch.")

@@ -1,0 +1,25 @@
+"""make check: everything that can be checked before a node starts or money is spent.
+
+Settings, CLAP's files, RESULTS_DIR; on the local cluster root, tools, app and
+data; on AWS the keys, the key pair and one cheap EC2 call. `make up` runs the
+same checks first.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import common
+
+
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(description=__doc__).parse_args(argv)
+    settings = common.load_settings()
+    common.preflight(settings)
+    common.say(f"ready: {settings.nodes} x {settings.instance_type} on {settings.provider}, "
+               f"runner {settings.runner}, {settings.epochs} epochs, results to {settings.results_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    common.main_guard(main)

@@ -10,6 +10,7 @@ PYTHON ?= python3#        the Python that makes the venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stamp
 PYTEST_ARGS ?=#           e.g. make test PYTEST_ARGS='-k role -x'
+RUN ?= $(lastword $(sort $(wildcard $(or $(RESULTS_DIR),results)/run-*)))#  the fetched run `make report` reads
 
 ##@ The experiment
 .PHONY: all
@@ -43,6 +44,14 @@ down: $(STAMP) ## stop every node and clear nodes.json
 .PHONY: status
 status: $(STAMP) ## nodes, steps and runs at a glance (no Ansible)
 	$(PY) scripts/status.py
+
+.PHONY: logs
+logs: $(STAMP) ## last lines of every rank's output in the current run (RANK=n for one)
+	$(PY) scripts/logs.py
+
+.PHONY: report
+report: $(STAMP) ## summary.md and report.png of a fetched run: make report RUN=results/<run_id>
+	$(PY) scripts/report.py $(RUN)
 
 ##@ Development
 .PHONY: deps

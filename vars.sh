@@ -16,7 +16,7 @@ DCGAN_DIR=                  # local: demo (our small app); aws: USER_DIR/Distrib
 CIFAR_DATA_DIR=             # local: synthetic set in .cluster/efs/data/cifar10; aws: EFS_MOUNT_POINT/data/cifar10
 DCGAN_PYTHON=               # native runner's Python with torch; local: this project's venv
 APP_ARGS=                   # extra arguments for dist_dcgan.py, e.g. --max_workers 0
-SYNTHETIC_IMAGES=512        # size of the synthetic CIFAR-10 test set made for the local default
+SYNTHETIC_IMAGES=2048       # size of the synthetic CIFAR-10 test set made for the local default
 CONNECTION_TRIES=3          # SSH liveness attempts at `up`; 0 = no SSH attempt
 RUN_TIMEOUT=3600            # wall-clock bound of a run, seconds
 MASTER_PORT=29500           # rendezvous port on rank 0

@@ -11,6 +11,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -540,3 +541,32 @@ def stop_local_orphans(settings: Settings, handles: Clap) -> int:
         warn(f"removing {len(orphans)} local hosts no record names: {', '.join(orphans)}")
         provider.hosts.destroy(orphans)
     return len(orphans)
+
+
+# -- a run's logs ------------------------------------------------------------------
+def run_folder(settings: Settings, run_id: str) -> str:
+    return f"{settings.user_dir}/runs/{run_id}"
+
+
+def read_run_logs(settings: Settings, state: dict, run_id: str, handles: Clap | None = None) -> dict[int, str]:
+    """Every rank's output-<rank>.txt of a run, read where the shared filesystem is.
+
+    On the local cluster that is this machine; elsewhere one SSH command on rank 0
+    (no Ansible: this is polled while training runs).
+    """
+    folder = run_folder(settings, run_id)
+    if settings.provider == "local" and not settings.ssh_hosts:
+        return {rank: Path(folder, f"output-{rank}.txt").read_text(errors="replace")
+                for rank in range(len(state["nodes"])) if Path(folder, f"output-{rank}.txt").exists()}
+    from clap.executor import SSHCommandExecutor
+
+    handles = handles or clap(settings, state)
+    master = handles.node_manager.get_nodes_by_id(node_ids(state)[:1])
+    # tail's own headers ("==> output-0.txt <==") split the files: one command for all ranks.
+    command = f"cd {shlex.quote(folder)} 2>/dev/null && tail -v -n +1 -- output-*.txt"
+    result = SSHCommandExecutor(command, master, str(settings.clap_path / "private"),
+                                connection_timeout=10, execution_timeout=30).run()[master[0].node_id]
+    if not result.ok:
+        raise UserError(f"cannot read the logs on rank 0 ({result.error}): is the node up? `make status`.")
+    parts = re.split(r"^==> output-(\d+)\.txt <==\n", "".join(result.stdout_lines or []), flags=re.MULTILINE)
+    return {int(rank): text for rank, text in zip(parts[1::2], parts[2::2], strict=True)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 import common
+import report
 from common import UserError
 
 
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
             if not result.ok:
                 raise UserError(f"results failed: {common.playbook_failure(result, state)}")
             run["fetched"] = str(target)
+    if report.main([str(target)]) != 0:
+        common.warn(f"no report for {target}; its files are there all the same.")
     outputs = sorted(p.name for p in target.glob("output-*.txt"))
     common.say(f"run {run['id']} is in {target}: {', '.join(outputs) or 'no output-*.txt'}, "
                f"{len(list(target.glob('*.png')))} images")

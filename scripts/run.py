@@ -1,20 +1,28 @@
 """make run: train on every node, one rank each, and wait for all ranks.
 
-A run still going (say after Ctrl-C, or a dropped connection) is re-attached,
+While it trains, one line per rank shows epoch, iteration, speed and ETA.
+A run still going (after Ctrl-C, or a dropped connection) is re-attached,
 never started twice. Ctrl-C stops the watching, not the training.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+import threading
 import time
 
 import common
+import dcgan_logs
 from common import UserError
 
 
 def main(argv: list[str] | None = None) -> int:
-    argparse.ArgumentParser(description=__doc__).parse_args(argv)
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--every", type=float, default=float(os.environ.get("PROGRESS_EVERY", "10")),
+                        help="seconds between two progress reports (default %(default)s)")
+    args = parser.parse_args(argv)
     settings = common.load_settings()
     with common.exclusive(settings, "run"):
         state = common.need_nodes(settings, "run")
@@ -22,26 +30,30 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("the nodes are not set up: run `make setup` before `make run`.")
         run = current_run(state)
         if run:
-            common.say(f"re-attaching to run {run['id']}, still going since "
-                       f"{time.strftime('%H:%M:%S', time.localtime(run['started']))}")
+            common.say(f"re-attaching to run {run['id']}, going since {_clock(run['started'])}")
         else:
-            run = {"id": time.strftime("run-%Y%m%d-%H%M%S"), "state": "running", "started": time.time(),
+            run = {"id": new_run_id(state), "state": "running", "started": time.time(),
                    "epochs": settings.epochs, "nodes": len(state["nodes"]), "fetched": False}
             state.setdefault("runs", []).append(run)
             common.say(f"starting run {run['id']}: {settings.epochs} epochs on {len(state['nodes'])} nodes")
         handles = common.clap(settings, state)
+        progress = Progress(settings, state, run["id"], handles, args.every)
         try:
             with common.recording(settings, state, "run"):
+                progress.start()
                 result = handles.role_manager.perform_action(
                     common.ROLE, "run", common.node_ids(state), node_vars=common.node_vars(state),
-                    extra_args=common.role_vars(settings, state, "run", run["id"]))
+                    extra_args=common.role_vars(settings, state, "run", run["id"]), quiet=True)
+                progress.finish()
                 run["state"] = "done" if result.ok else "failed"
                 run["finished"] = time.time()
                 if not result.ok:
                     raise UserError(f"run {run['id']} failed: {common.playbook_failure(result, state)}. "
                                     f"Its outputs so far: `make results`.")
         except KeyboardInterrupt:
-            common.warn(f"stopped watching run {run['id']}; the training goes on: `make run` re-attaches.")
+            progress.finish(report=False)
+            common.warn(f"stopped watching run {run['id']}; the training goes on: `make run` re-attaches, "
+                        f"`make logs` shows its output.")
             return 130
     common.say(f"run {run['id']} finished in {run['finished'] - run['started']:.1f} s; next: make results")
     return 0
@@ -50,6 +62,55 @@ def main(argv: list[str] | None = None) -> int:
 def current_run(state: dict) -> dict | None:
     runs = state.get("runs") or []
     return runs[-1] if runs and runs[-1]["state"] == "running" else None
+
+
+def new_run_id(state: dict) -> str:
+    taken = {run["id"] for run in state.get("runs", [])}
+    base = time.strftime("run-%Y%m%d-%H%M%S")
+    return next(f"{base}{suffix}" for suffix in ["", *(f"-{n}" for n in range(2, 100))]
+                if f"{base}{suffix}" not in taken)
+
+
+class Progress(threading.Thread):
+    """Reports every rank's progress from its log while the playbook waits."""
+
+    def __init__(self, settings: common.Settings, state: dict, run_id: str, handles: common.Clap,
+                 every: float) -> None:
+        super().__init__(daemon=True)
+        self.settings, self.state, self.run_id, self.handles, self.every = settings, state, run_id, handles, every
+        self.stopped = threading.Event()
+        self.sizes: dict[int, tuple[int, float]] = {}  # rank -> (log size, when it last grew)
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.every):
+            self.report()
+
+    def finish(self, report: bool = True) -> None:
+        self.stopped.set()
+        if report:
+            self.report()
+
+    def report(self) -> None:
+        try:
+            logs = common.read_run_logs(self.settings, self.state, self.run_id, self.handles)
+        except (OSError, UserError) as error:  # a missed report is no reason to stop the run
+            common.warn(f"no progress this time: {error}")
+            return
+        now = time.time()
+        lines = []
+        for rank in range(len(self.state["nodes"])):
+            text = logs.get(rank, "")
+            size, since = self.sizes.get(rank, (-1, now))
+            if len(text) != size:
+                self.sizes[rank] = (len(text), now)
+            log = dcgan_logs.parse_log(text)
+            log.rank = rank if log.rank is None else log.rank
+            lines.append(dcgan_logs.progress_line(log, now, self.sizes[rank][1], color=sys.stdout.isatty()))
+        print(f"[{_clock(now)}] " + "\n           ".join(lines), flush=True)
+
+
+def _clock(timestamp: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(timestamp))
 
 
 if __name__ == "__main__":

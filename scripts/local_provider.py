@@ -18,6 +18,7 @@ from pathlib import Path
 from clap.abstract_provider import AbstractInstanceProvider, InstanceDeploymentError
 from clap.configs import InstanceInfo
 from clap.node import NodeDescriptor, NodeStatus, NodeType
+
 from local_hosts import LocalHosts
 
 

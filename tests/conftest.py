@@ -10,15 +10,20 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import ansible_runner
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
+import common  # noqa: E402
 from local_hosts import LocalHosts  # noqa: E402
+
+PLAYBOOKS = ROOT / "clap_config" / "roles" / "roles"
 
 ROLE_SUBNET = "10.213.250.0/24"
 PROJECT_SUBNET = "10.213.251.0/24"
@@ -86,3 +91,46 @@ def project(tmp_path: Path) -> dict[str, str]:
         "NO_COLOR": "1",
     })
     return env
+
+
+def role_cluster(hosts: list, ssh_key: Path, work: Path) -> dict:
+    """CLAP's inventory shape over the hosts, a shared 'EFS' folder, a synthetic data set.
+
+    Host name = node id, group `dcgan`, ansible_host, per-node node_rank and private_ip;
+    the role's vars are extra vars, as CLAP passes them.
+    """
+    efs = work / "efs"
+    data = efs / "data" / "cifar10"
+    subprocess.run([sys.executable, str(ROOT / "demo" / "make_cifar.py"), "--out", str(data),
+                    "--test-images", "256"], check=True, capture_output=True)
+    ids = [uuid.uuid4().hex for _ in hosts]
+    inventory = {"all": {"children": {"dcgan": {"hosts": {
+        node_id: {"ansible_host": host.address, "ansible_user": "root", "ansible_port": 22,
+                  "ansible_connection": "ssh", "ansible_ssh_private_key_file": str(ssh_key),
+                  "ansible_python_interpreter": common.NODE_PYTHON,
+                  "node_rank": rank, "private_ip": host.address}
+        for rank, (node_id, host) in enumerate(zip(ids, hosts, strict=True))}}}}}
+    settings = common.load_settings({"ENV_FILE": os.devnull, "CLAP_PATH": str(work / "clap")})
+    base_vars = {"efs_host": "", "efs_mount_point": str(efs), "user_dir": str(efs / "user"),
+                 "cifar_data_dir": str(data), "runner": "native", "dcgan_dir": str(ROOT / "demo"),
+                 "dcgan_python": sys.executable, "omp_num_threads": 1}
+    return {"ids": ids, "hosts": hosts, "inventory": inventory, "vars": base_vars, "work": work,
+            "env": {**os.environ, **common.ansible_env(settings)}, "user_dir": efs / "user"}
+
+
+def play(cluster: dict, action: str, wait: bool = True, cancel: object = None,
+         **extra: object) -> ansible_runner.Runner:
+    """Play one action of the role; wait=False returns (thread, runner) at once."""
+    private = cluster["work"] / f"runner-{uuid.uuid4().hex[:8]}"
+    private.mkdir()
+    kwargs = {"private_data_dir": str(private), "playbook": str(PLAYBOOKS / f"dcgan_{action}.yaml"),
+              "inventory": cluster["inventory"], "extravars": {**cluster["vars"], **extra},
+              "envvars": cluster["env"], "quiet": True}
+    if wait:
+        return ansible_runner.run(**kwargs)
+    return ansible_runner.run_async(**kwargs, cancel_callback=cancel or (lambda: False))
+
+
+def failure_messages(result: ansible_runner.Runner) -> str:
+    return " ".join(str(e["event_data"]["res"].get("msg", "")) + " " + str(e["event_data"]["res"].get("stderr", ""))
+                    for e in result.events if e["event"] in ("runner_on_failed", "runner_on_unreachable"))

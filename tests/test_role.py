@@ -7,56 +7,16 @@ per-node node_rank and private_ip; the role's vars come as extra vars.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import uuid
 from pathlib import Path
 
-import ansible_runner
 import pytest
 
-import common
-from conftest import ROOT
-
-PLAYBOOKS = ROOT / "clap_config" / "roles" / "roles"
+from conftest import failure_messages, play, role_cluster
 
 
 @pytest.fixture(scope="module")
 def cluster(hosts: list, ssh_key: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """CLAP-shaped inventory over the hosts, a shared 'EFS' folder and a synthetic data set."""
-    work = tmp_path_factory.mktemp("role")
-    efs = work / "efs"
-    data = efs / "data" / "cifar10"
-    subprocess.run([sys.executable, str(ROOT / "demo" / "make_cifar.py"), "--out", str(data),
-                    "--test-images", "256"], check=True, capture_output=True)
-    ids = [uuid.uuid4().hex for _ in hosts]
-    inventory = {"all": {"children": {"dcgan": {"hosts": {
-        node_id: {"ansible_host": host.address, "ansible_user": "root", "ansible_port": 22,
-                  "ansible_connection": "ssh", "ansible_ssh_private_key_file": str(ssh_key),
-                  "ansible_python_interpreter": common.NODE_PYTHON,
-                  "node_rank": rank, "private_ip": host.address}
-        for rank, (node_id, host) in enumerate(zip(ids, hosts, strict=True))}}}}}
-    settings = common.load_settings({"ENV_FILE": os.devnull, "CLAP_PATH": str(work / "clap")})
-    base_vars = {"efs_host": "", "efs_mount_point": str(efs), "user_dir": str(efs / "user"),
-                 "cifar_data_dir": str(data), "runner": "native", "dcgan_dir": str(ROOT / "demo"),
-                 "dcgan_python": sys.executable}
-    return {"ids": ids, "inventory": inventory, "env": {**os.environ, **common.ansible_env(settings)},
-            "vars": base_vars, "work": work, "user_dir": efs / "user"}
-
-
-def play(cluster: dict, action: str, **extra: object) -> ansible_runner.Runner:
-    run_dir = cluster["work"] / f"runner-{uuid.uuid4().hex[:8]}"
-    run_dir.mkdir()
-    return ansible_runner.run(
-        private_data_dir=str(run_dir), playbook=str(PLAYBOOKS / f"dcgan_{action}.yaml"),
-        inventory=cluster["inventory"], extravars={**cluster["vars"], **extra},
-        envvars=cluster["env"], quiet=True)
-
-
-def failure_messages(result: ansible_runner.Runner) -> str:
-    return " ".join(str(e["event_data"]["res"].get("msg", "")) for e in result.events
-                    if e["event"] == "runner_on_failed")
+    return role_cluster(hosts, ssh_key, tmp_path_factory.mktemp("role"))
 
 
 def test_setup_succeeds_then_changes_nothing(cluster: dict) -> None:
@@ -87,8 +47,7 @@ def test_setup_says_when_the_python_lacks_torch(cluster: dict) -> None:
 
 
 def test_run_trains_one_rank_per_node(cluster: dict) -> None:
-    result = play(cluster, "run", run_id="r1", epochs=2, master_hostname=cluster["ids"][0],
-                  omp_num_threads=1)
+    result = play(cluster, "run", run_id="r1", epochs=2, master_hostname=cluster["ids"][0])
     assert result.status == "successful", failure_messages(result)
     run_dir = cluster["user_dir"] / "runs" / "r1"
     for rank, node_id in enumerate(cluster["ids"]):
@@ -114,8 +73,7 @@ def test_results_land_once_and_are_never_overwritten(cluster: dict, tmp_path: Pa
     assert "already exists" in failure_messages(again)
     assert {p.name: p.stat().st_mtime_ns for p in landed.iterdir()} == before
 
-    second_run = play(cluster, "run", run_id="r2", epochs=1, master_hostname=cluster["ids"][0],
-                      omp_num_threads=1)
+    second_run = play(cluster, "run", run_id="r2", epochs=1, master_hostname=cluster["ids"][0])
     assert second_run.status == "successful", failure_messages(second_run)
     assert play(cluster, "results", results_dir=str(results), run_id="r2").status == "successful"
     assert "[rank: 1] Epoch 0 took:" in (results / "r2" / "output-1.txt").read_text()

@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -92,61 +93,90 @@ def _watch(args: argparse.Namespace, me: Rank) -> int:
     with open(args.log, "ab") as log:
         child = subprocess.Popen(args.command, stdin=subprocess.DEVNULL, stdout=log,
                                  stderr=subprocess.STDOUT, start_new_session=True)
-    record = {"node": args.node, "watchdog_pid": os.getpid(), "pid": child.pid,
-              "started": time.time(), "command": args.command}
-    _write_json(me.info, record)
+    _write_json(me.info, {"node": args.node, "watchdog_pid": os.getpid(), "pid": child.pid,
+                          "started": time.time(), "command": args.command})
     if args.node_state:
         args.node_state.parent.mkdir(parents=True, exist_ok=True)
         _write_json(args.node_state, {"run_dir": str(args.run_dir), "rank": args.rank,
                                       "watchdog_pid": os.getpid()})
-
-    stopping = []
+    stopping: list[str] = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append("stopped on request"))
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
-    started = time.monotonic()
-    peers = [Rank(args.run_dir, r) for r in range(args.world) if r != args.rank]
-    last_seen = {p.rank: (None, started) for p in peers}  # beat value, when it last changed
-    beat = 0
-    code, reason = None, ""
-    while code is None:
-        beat += 1
-        me.beat.write_text(str(beat))
-        now = time.monotonic()
+    watch = Watch(args, me)
+    outcome = None
+    while outcome is None:
         status = child.poll()
         if status is not None:
-            code, reason = status, "finished" if status == 0 else f"the app exited with code {status}"
-            break
-        if stopping:
-            code, reason = EXIT_STOPPED, stopping[0]
-        elif now - started > args.timeout:
-            code, reason = EXIT_TIMEOUT, f"the run passed its bound of {args.timeout} s"
-        for peer in [] if code is not None else peers:
-            outcome = _read_json(peer.exit)
-            if outcome is not None:
-                if outcome.get("code") != 0:
-                    code, reason = EXIT_PEER_LOST, f"rank {peer.rank} failed: {outcome.get('reason')}"
-                    break
-                continue
-            try:
-                value = peer.beat.read_text()
-            except FileNotFoundError:
-                value = None
-            if value != last_seen[peer.rank][0]:
-                last_seen[peer.rank] = (value, now)
-            elif now - last_seen[peer.rank][1] > args.peer_timeout:
-                silence = "never started" if value is None else "stopped answering"
-                code, reason = EXIT_PEER_LOST, (
-                    f"rank {peer.rank} {silence} for {args.peer_timeout} s (node down or unreachable)")
-                break
-        if code is None:
-            time.sleep(args.beat)
-
+            outcome = (status, "finished" if status == 0 else f"the app exited with code {status}")
+        elif stopping:
+            outcome = (EXIT_STOPPED, stopping[0])
+        else:
+            outcome = watch.check()
+            if outcome is None:
+                time.sleep(args.beat)
     if child.poll() is None:
         _stop_child(child, args.stop_command)
+    code, reason = outcome
     _write_json(me.exit, {"code": code, "reason": reason, "finished": time.time(),
-                          "seconds": round(time.monotonic() - started, 1)})
+                          "seconds": round(time.monotonic() - watch.started, 1)})
     return 0
+
+
+class Watch:
+    """The reasons to end a healthy-looking rank: its bound, a failed or silent peer, a lost network."""
+
+    def __init__(self, args: argparse.Namespace, me: Rank) -> None:
+        self.args, self.me = args, me
+        self.started = time.monotonic()
+        self.beats = 0
+        self.peers = [Rank(args.run_dir, r) for r in range(args.world) if r != args.rank]
+        self.last_seen = {p.rank: (None, self.started) for p in self.peers}  # beat value, when it changed
+        self.reached = self.started  # when the master's address last answered
+
+    def check(self) -> tuple[int, str] | None:
+        self.beats += 1
+        self.me.beat.write_text(str(self.beats))
+        now = time.monotonic()
+        if now - self.started > self.args.timeout:
+            return EXIT_TIMEOUT, f"the run passed its bound of {self.args.timeout:.0f} s"
+        for peer in self.peers:
+            lost = self._peer_lost(peer, now)
+            if lost:
+                return EXIT_PEER_LOST, lost
+        if self.args.probe:
+            if _answers(self.args.probe):
+                self.reached = now
+            elif now - self.reached > self.args.peer_timeout:
+                return EXIT_PEER_LOST, f"the master {self.args.probe} is unreachable for {self.args.peer_timeout:.0f} s"
+        return None
+
+    def _peer_lost(self, peer: Rank, now: float) -> str | None:
+        outcome = _read_json(peer.exit)
+        if outcome is not None:
+            return None if outcome.get("code") == 0 else f"rank {peer.rank} failed: {outcome.get('reason')}"
+        try:
+            value = peer.beat.read_text()
+        except FileNotFoundError:
+            value = None
+        if value != self.last_seen[peer.rank][0]:
+            self.last_seen[peer.rank] = (value, now)
+        elif now - self.last_seen[peer.rank][1] > self.args.peer_timeout:
+            silence = "never started" if value is None else "stopped answering"
+            return f"rank {peer.rank} {silence} for {self.args.peer_timeout:.0f} s (node down or unreachable)"
+        return None
+
+
+def _answers(address: str) -> bool:
+    """Does the host answer at all? A refused connection is an answer: the host is there."""
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+    return True
 
 
 def _stop_child(child: subprocess.Popen, stop_command: str | None) -> None:
@@ -213,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     p_start.add_argument("--node-state", type=Path, help="where this node records its current rank")
     p_start.add_argument("--timeout", type=float, default=3600, help="wall-clock bound, seconds")
     p_start.add_argument("--peer-timeout", type=float, default=60, help="silence that means a peer is lost")
-    p_start.add_argument("--beat", type=float, default=2.0, help="heartbeat period, seconds")
+    p_start.add_argument("--beat", type=float, default=1.0, help="heartbeat period, seconds")
+    p_start.add_argument("--probe", help="HOST:PORT of the master; a rank that cannot reach it is ended")
     p_start.add_argument("--stop-command", help="shell command that also stops the rank (containers)")
     p_start.add_argument("command", nargs=argparse.REMAINDER, help="-- the rank's command")
     p_wait = sub.add_parser("wait", help="wait for a rank's outcome; exit 0 when it finished well")

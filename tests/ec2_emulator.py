@@ -1,0 +1,408 @@
+"""A loopback-only EC2 emulator (moto) that CLAP's AWS provider can talk to.
+
+Why it looks like this:
+- CLAP's provider runs Ansible's boto2 `ec2` module (start/stop) and the boto3
+  `ec2_instance_info` / `ec2_tag` modules (check/tag).  All of them take the
+  endpoint from `EC2_URL` (or `AWS_URL`, which wins), see amazon.aws 3.5.0
+  `module_utils/ec2.py:get_aws_connection_info`.
+- moto's server picks the backend (service) and the region from the SigV4
+  credential scope in the Authorization header.  boto2 derives that scope from
+  the endpoint host name: for `127.0.0.1:PORT` it signs `.../0/127/aws4_request`
+  (region "0", service "127"), and moto answers 500.  `ScopeRewriteMiddleware`
+  rewrites such a scope to `<region>/ec2` before moto sees it.  boto3 signs a
+  real scope (`us-east-1/ec2`) and is passed through untouched, so moto's
+  optional IAM signature check still works for boto3 (not for boto2, whose
+  rewritten scope no longer matches its signature).
+- Nothing here may reach the outside: the server and every client run inside a
+  fresh network namespace that has only `lo`.  The instances' "public" IPs are
+  fake; never connect to them.
+
+Use `ec2_emulator()` (a context manager) from tests; run clients with
+`Ec2Emulator.run()` / `Ec2Emulator.python()`, which wrap `ip netns exec`.
+The module is also the server's entry point: `python ec2_emulator.py serve ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import secrets
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_REGION = "us-east-1"
+LOOPBACK = "127.0.0.1"
+
+# A real AWS region name (us-east-1, ap-southeast-2, us-gov-west-1...).
+_REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")
+# "Credential=AKID/20240101/<region>/<service>/aws4_request"
+_SCOPE_RE = re.compile(r"(Credential=[^/,\s]+/\d{8}/)([^/,\s]+)/([^/,\s]+)(/aws4_request)")
+
+# Variables that would steer a client somewhere else than the emulator or
+# override the credentials CLAP reads from its key files (the amazon.aws
+# modules prefer AWS_ACCESS_KEY_ID over CLAP's AWS_ACCESS_KEY, AWS_URL over
+# EC2_URL, and a profile over both).  Dropped from every client environment.
+_SCRUB_PREFIXES = ("AWS_", "EC2_", "BOTO_")
+_SCRUB_NAMES = {"HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"}
+
+
+# ----------------------------------------------------------------- server side
+class ScopeRewriteMiddleware:
+    """WSGI middleware: give boto2's host-derived SigV4 scope a real region/service.
+
+    Only a scope whose region is not a region name is rewritten, so requests
+    from boto3/botocore (which sign `us-east-1/ec2`, `us-east-1/iam`...) reach
+    moto unchanged.
+    """
+
+    def __init__(self, app: Callable[..., Any], region: str, service: str = "ec2") -> None:
+        self.app = app
+        self.region = region
+        self.service = service
+
+    def rewrite(self, auth: str) -> str:
+        match = _SCOPE_RE.search(auth)
+        if match is None or _REGION_RE.match(match.group(2)):
+            return auth
+        scope = f"{match.group(1)}{self.region}/{self.service}{match.group(4)}"
+        return auth[: match.start()] + scope + auth[match.end() :]
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        auth = environ.get("HTTP_AUTHORIZATION")
+        if auth:
+            environ["HTTP_AUTHORIZATION"] = self.rewrite(auth)
+        return self.app(environ, start_response)
+
+
+def _serve(host: str, port: int, region: str) -> None:
+    """Run moto's WSGI app behind the middleware; print `READY <port>` once listening."""
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+    from werkzeug.serving import make_server
+
+    app = ScopeRewriteMiddleware(DomainDispatcherApplication(create_backend_app), region)
+    # make_server binds and listens in its constructor: connections made after
+    # READY is printed queue up even before serve_forever() runs.
+    server = make_server(host, port, app, threaded=True)
+    os.environ["MOTO_PORT"] = str(server.port)  # moto uses it for self-calls
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    print(f"READY {server.port}", flush=True)
+    # Nobody reads the pipe after READY: send later prints (moto has some) to
+    # the log on stderr instead of letting them fill the pipe and block us.
+    os.dup2(2, 1)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+
+
+# ----------------------------------------------------------------- client side
+class EmulatorError(RuntimeError):
+    pass
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check, timeout=10)
+
+
+def _alive(pid: int) -> bool:
+    # A zombie (exited, not yet reaped by its parent) counts as gone.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _kill_pid(pid: int, grace: float = 3.0) -> None:
+    """SIGTERM then SIGKILL one process we started; ignore it if already gone."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return
+        time.sleep(0.05)
+    with suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def client_env(endpoint: str, region: str, workdir: Path, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for a client (boto2, boto3, Ansible, CLAP) that must use the emulator.
+
+    No credentials are set: callers pass their own (CLAP reads its key files).
+    """
+    env = {
+        k: v
+        for k, v in (base if base is not None else os.environ).items()
+        if not k.upper().startswith(_SCRUB_PREFIXES) and k.upper() not in _SCRUB_NAMES
+    }
+    # ansible-playbook (run by CLAP through ansible-runner) must be found on PATH.
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([bindir, env.get("PATH", "/usr/bin:/bin")])
+    boto_cfg = workdir / "boto.cfg"
+    if not boto_cfg.exists():
+        # boto2 would read /etc/boto.cfg and ~/.boto (credentials, proxy) and
+        # ask the instance metadata service for keys; this file stops both.
+        boto_cfg.write_text("[Boto]\nmetadata_service_num_attempts = 0\nmetadata_service_timeout = 0.1\n")
+    env.update(
+        {
+            "EC2_URL": endpoint,  # read by boto2 `ec2` and boto3 amazon.aws modules
+            "AWS_DEFAULT_REGION": region,
+            "BOTO_CONFIG": str(boto_cfg),
+            # botocore: no ~/.aws profiles, no 169.254.169.254 lookups.
+            "AWS_CONFIG_FILE": str(workdir / "no-aws-config"),
+            "AWS_SHARED_CREDENTIALS_FILE": str(workdir / "no-aws-credentials"),
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "NO_PROXY": "*",
+            "no_proxy": "*",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    return env
+
+
+@dataclass
+class Ec2Emulator:
+    netns: str
+    endpoint: str
+    region: str
+    pid: int
+    workdir: Path
+    env: dict[str, str] = field(repr=False)
+    log: Path = field(repr=False)
+
+    def run(
+        self,
+        argv: list[str],
+        *,
+        extra_env: dict[str, str] | None = None,
+        timeout: float = 120,
+        cwd: str | Path | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a command inside the emulator's namespace with the client env.
+
+        Not for concurrent use: afterwards it kills whatever else is left in
+        the namespace (everything there but the server was started by us).
+        """
+        env = {**self.env, **(extra_env or {})}
+        cmd = ["ip", "netns", "exec", self.netns, *argv]
+        try:
+            return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+        finally:
+            # A timed-out command may leave children (ansible workers) behind.
+            self.kill_stragglers()
+
+    def python(
+        self, code: str, *, extra_env: dict[str, str] | None = None, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a Python snippet (with this interpreter) inside the namespace."""
+        return self.run([sys.executable, "-c", code], extra_env=extra_env, timeout=timeout)
+
+    def python_json(self, code: str, *, extra_env: dict[str, str] | None = None, timeout: float = 120) -> Any:
+        """Run a snippet whose last stdout line is JSON; raise with its output if it fails."""
+        proc = self.python(code, extra_env=extra_env, timeout=timeout)
+        lines = proc.stdout.strip().splitlines()
+        if proc.returncode != 0 or not lines:
+            raise EmulatorError(
+                f"snippet failed (rc={proc.returncode})\n--- stdout\n{proc.stdout[-4000:]}"
+                f"\n--- stderr\n{proc.stderr[-4000:]}"
+            )
+        return json.loads(lines[-1])
+
+    def netns_pids(self) -> list[int]:
+        out = _ip("netns", "pids", self.netns, check=False).stdout
+        return [int(p) for p in out.split()]
+
+    def kill_stragglers(self) -> None:
+        """Kill every process left in our namespace except the server (all ours)."""
+        for pid in self.netns_pids():
+            if pid != self.pid:
+                _kill_pid(pid, grace=1.0)
+
+
+def _wait_ready(proc: subprocess.Popen[str], deadline: float) -> int:
+    """Read the server's `READY <port>` line, failing at the deadline or on exit."""
+    assert proc.stdout is not None
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise EmulatorError("moto server did not start listening in time")
+        ready, _, _ = select.select([proc.stdout], [], [], left)
+        if not ready:
+            continue
+        line = proc.stdout.readline()
+        if not line:
+            raise EmulatorError(f"moto server exited early (rc={proc.wait(timeout=5)})")
+        if line.startswith("READY "):
+            return int(line.split()[1])
+
+
+def _delete_netns(name: str) -> None:
+    for pid in [int(p) for p in _ip("netns", "pids", name, check=False).stdout.split()]:
+        _kill_pid(pid, grace=1.0)
+    _ip("netns", "del", name, check=False)
+
+
+def _sweep_stale_netns() -> None:
+    """Delete namespaces of ours whose creating process died without teardown (SIGKILL)."""
+    for line in _ip("netns", "list", check=False).stdout.splitlines():
+        name = line.split()[0] if line.split() else ""
+        match = re.fullmatch(r"clapemu-(\d+)-[0-9a-f]{6}", name)
+        if match and not _alive(int(match.group(1))):
+            _delete_netns(name)
+
+
+@contextmanager
+def ec2_emulator(
+    region: str = DEFAULT_REGION,
+    port: int = 0,
+    start_timeout: float = 30.0,
+    validate_keypair: bool = True,
+    validate_instance_type: bool = True,
+    validate_ami: bool = False,
+) -> Iterator[Ec2Emulator]:
+    """Start moto in a fresh loopback-only namespace; yield how to reach it; tear down.
+
+    The validations make moto refuse what AWS refuses (unknown key pair or
+    instance type); AMI validation is off because moto only knows its own
+    image list and CLAP configs name real AMIs.
+    """
+    if os.geteuid() != 0:
+        raise EmulatorError("creating a network namespace needs root")
+    if shutil.which("ip") is None:
+        raise EmulatorError("iproute2 `ip` not found")
+    _sweep_stale_netns()
+    netns = f"clapemu-{os.getpid()}-{secrets.token_hex(3)}"
+    workdir = Path(tempfile.mkdtemp(prefix="clapemu."))
+    log = workdir / "moto.log"
+    proc: subprocess.Popen[str] | None = None
+    try:
+        _ip("netns", "add", netns)
+    except subprocess.CalledProcessError as e:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise EmulatorError(f"ip netns add failed: {e.stderr.strip()}") from None
+    try:
+        _ip("netns", "exec", netns, "ip", "link", "set", "lo", "up")
+        server_env = client_env(f"http://{LOOPBACK}:0", region, workdir)
+        flags = {
+            "MOTO_ENABLE_KEYPAIR_VALIDATION": validate_keypair,
+            "MOTO_EC2_ENABLE_INSTANCE_TYPE_VALIDATION": validate_instance_type,
+            "MOTO_ENABLE_AMI_VALIDATION": validate_ami,
+        }
+        server_env.update({k: "1" for k, on in flags.items() if on})
+        with open(log, "w") as logf:
+            # `ip netns exec` execs the command, so proc.pid is the server itself.
+            proc = subprocess.Popen(
+                ["ip", "netns", "exec", netns, sys.executable, str(Path(__file__).resolve()),
+                 "serve", "--host", LOOPBACK, "--port", str(port), "--region", region],
+                stdout=subprocess.PIPE, stderr=logf, text=True, env=server_env,
+            )  # fmt: skip
+        bound = _wait_ready(proc, time.monotonic() + start_timeout)
+        endpoint = f"http://{LOOPBACK}:{bound}"
+        yield Ec2Emulator(
+            netns=netns,
+            endpoint=endpoint,
+            region=region,
+            pid=proc.pid,
+            workdir=workdir,
+            env=client_env(endpoint, region, workdir),
+            log=log,
+        )
+    finally:
+        if proc is not None:
+            _kill_pid(proc.pid)
+            with suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+            if proc.stdout is not None:
+                proc.stdout.close()
+        _delete_netns(netns)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def netns_exists(name: str) -> bool:
+    return name in _ip("netns", "list", check=False).stdout.split()
+
+
+def write_clap_config(
+    clap_path: Path,
+    *,
+    region: str = DEFAULT_REGION,
+    access_key: str = "AKIAEMULATOR00000000",
+    secret_key: str = "emulator-secret",
+    keypair_name: str = "clap-emu-key",
+    security_group: str = "clap-emu-sg",
+    image_id: str = "ami-12c6146b",
+    flavors: Iterable[str] = ("t2.medium",),
+) -> None:
+    """A throwaway CLAP_PATH with an `aws` provider, a login and `type-<flavor>` instances.
+
+    CLAP quirks this works around: the login needs a non-empty keypair_name
+    (else every template is dropped), and `security_group` must be set (CLAP
+    renders `group: None` otherwise and the `ec2` module looks for a group
+    named "None").
+    """
+    for sub in ("configs", "private", "storage", "roles"):
+        (clap_path / sub).mkdir(parents=True, exist_ok=True)
+    private = clap_path / "private"
+    (private / "aws_access_key.pub").write_text(access_key + "\n")
+    (private / "aws_secret_key").write_text(secret_key + "\n")
+    (private / "aws_secret_key").chmod(0o600)
+    (private / f"{keypair_name}.pem").write_text("not a real key\n")
+    (private / f"{keypair_name}.pem").chmod(0o600)
+    (private / f"{keypair_name}.pub").write_text("ssh-rsa AAAA not-a-real-key\n")
+    (clap_path / "configs" / "providers.yaml").write_text(
+        "aws-emu:\n"
+        "  provider: aws\n"
+        f"  region: {region}\n"
+        "  access_keyfile: aws_access_key.pub\n"
+        "  secret_access_keyfile: aws_secret_key\n"
+    )
+    (clap_path / "configs" / "logins.yaml").write_text(
+        "login-emu:\n"
+        "  user: ubuntu\n"
+        f"  keypair_name: {keypair_name}\n"
+        f"  keypair_public_file: {keypair_name}.pub\n"
+        f"  keypair_private_file: {keypair_name}.pem\n"
+    )
+    (clap_path / "configs" / "instances.yaml").write_text(
+        "".join(
+            f"type-{flavor}:\n"
+            "  provider: aws-emu\n"
+            "  login: login-emu\n"
+            f"  flavor: {flavor}\n"
+            f"  image_id: {image_id}\n"
+            f"  security_group: {security_group}\n"
+            for flavor in flavors
+        )
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    serve = sub.add_parser("serve", help="run the server (inside a namespace)")
+    serve.add_argument("--host", default=LOOPBACK)
+    serve.add_argument("--port", type=int, default=0)
+    serve.add_argument("--region", default=DEFAULT_REGION)
+    args = parser.parse_args(argv)
+    if args.host != LOOPBACK:
+        parser.error("the emulator only listens on 127.0.0.1")
+    _serve(args.host, args.port, args.region)
+
+
+if __name__ == "__main__":
+    main()

@@ -21,6 +21,7 @@ CONNECTION_TRIES=3          # SSH liveness attempts at `up`; 0 = no SSH attempt
 RUN_TIMEOUT=3600            # wall-clock bound of a run, seconds
 MASTER_PORT=29500           # rendezvous port on rank 0
 KEYPAIR_NAME=               # aws: name of your EC2 key pair (key.pem/key.pub in clap_config/private)
+MAX_HOURS=3                 # aws: a node terminates itself this long after `make up`, forgotten or not
 SSH_HOSTS=                  # local: your own machines instead of namespace hosts, comma-separated
 SSH_USER=root               # local with SSH_HOSTS: the login user (key: clap_config/private/ssh_key)
 LOCAL_SUBNET=10.213.0.0/24  # local: the namespace hosts' private subnet

@@ -125,6 +125,7 @@ class Settings:
     run_timeout: int
     master_port: int
     keypair_name: str
+    max_hours: float
     ssh_hosts: list[str]
     ssh_user: str
     local_subnet: str
@@ -152,6 +153,17 @@ def _whole(raw: dict[str, str], name: str, minimum: int, example: str) -> int:
     if number < minimum:
         raise UserError(f"{name}={number} must be at least {minimum}: set it like {name}={example}.")
     return number
+
+
+def _hours(value: str) -> float:
+    try:
+        hours = float(value)
+    except ValueError:
+        hours = -1
+    if not 0 < hours <= 168:
+        raise UserError(f"MAX_HOURS={value!r} must be a number of hours above 0 and at most 168: "
+                        f"set it like MAX_HOURS=3.")
+    return hours
 
 
 def load_settings(environ: dict[str, str] | None = None) -> Settings:
@@ -202,6 +214,7 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         run_timeout=_whole(raw, "RUN_TIMEOUT", 30, "3600"),
         master_port=_whole(raw, "MASTER_PORT", 1024, "29500"),
         keypair_name=raw["KEYPAIR_NAME"],
+        max_hours=_hours(raw["MAX_HOURS"]),
         ssh_hosts=[h.strip() for h in raw["SSH_HOSTS"].split(",") if h.strip()],
         ssh_user=raw["SSH_USER"],
         local_subnet=raw["LOCAL_SUBNET"],
@@ -305,7 +318,15 @@ def need_nodes(settings: Settings, step: str) -> dict:
     state = read_state(settings)
     if not state or not state.get("nodes"):
         raise UserError(f"no nodes in {settings.nodes_file.name}: run `make up` before `make {step}`.")
+    check_provider(settings, state)
     return state
+
+
+def check_provider(settings: Settings, state: dict | None) -> None:
+    if state and state.get("provider") != settings.provider:
+        raise UserError(f"{settings.nodes_file.name} holds a PROVIDER={state.get('provider')} cluster but "
+                        f"PROVIDER={settings.provider}: set PROVIDER={state.get('provider')} (in .env or on "
+                        f"the command line) to work on it.")
 
 
 @contextmanager
@@ -351,6 +372,10 @@ def import_clap(settings: Settings) -> None:
 def clap(settings: Settings, state: dict | None = None) -> Clap:
     import_clap(settings)
     os.environ.update(ansible_env(settings))  # CLAP hands os.environ to Ansible
+    if settings.provider == "aws":
+        # Ansible's AWS modules prefer these to CLAP's key files: keep to the files.
+        for name in AWS_ENV_OVERRIDES:
+            os.environ.pop(name, None)
     from app.cli.modules.node import get_config_db, get_node_manager
     from app.cli.modules.role import get_role_manager
 
@@ -433,7 +458,9 @@ def role_vars(settings: Settings, state: dict, action: str, run_id: str = "") ->
               "runner": settings.runner, "dcgan_dir": settings.dcgan_dir,
               "cifar_data_dir": settings.cifar_data_dir, "dcgan_python": settings.dcgan_python}
     if action == "setup":
-        return {**shared, "efs_host": settings.efs_host}
+        minutes_left = settings.max_hours * 60 - (time.time() - state["created"]) / 60
+        return {**shared, "efs_host": settings.efs_host,
+                "shutdown_after_minutes": max(1, int(minutes_left)) if settings.provider == "aws" else 0}
     if action == "run":
         threads = max(1, (os.cpu_count() or 1) // settings.nodes) if settings.provider == "local" else 0
         return {**shared, "master_hostname": state["nodes"][0]["id"], "run_id": run_id,
@@ -513,6 +540,62 @@ def preflight(settings: Settings) -> None:
     check_results_dir(settings)
     if settings.provider == "local":
         check_local(settings)
+    else:
+        check_aws(settings)
+
+
+AWS_PROVIDER = "aws-config-us-east-1"
+
+
+def aws_template(settings: Settings) -> tuple[dict, dict, dict]:
+    """The instance template of INSTANCE_TYPE, its provider and its login entries."""
+    configs = settings.clap_path / "configs"
+    template = read_yaml(configs / "instances.yaml")[settings.instance_type]
+    return (template, read_yaml(configs / "providers.yaml")[template["provider"]],
+            read_yaml(configs / "logins.yaml")[template["login"]])
+
+
+def check_aws(settings: Settings) -> None:
+    """Keys, key pair, region and one cheap EC2 call: a wrong key fails here, not half-way."""
+    import aws
+
+    template, provider, login = aws_template(settings)
+    private = settings.clap_path / "private"
+    for name, what in ((provider["access_keyfile"], "your AWS access key id"),
+                       (provider["secret_access_keyfile"], "your AWS secret access key")):
+        path = private / name
+        if not path.is_file() or not path.read_text().strip():
+            raise UserError(f"{path} is missing or empty: put {what} in it (see .env.example).")
+    if not settings.keypair_name:
+        raise UserError("KEYPAIR_NAME is empty: set it in .env to the name of your EC2 key pair.")
+    key = private / login["keypair_private_file"]
+    public = private / login["keypair_public_file"]
+    if not key.is_file():
+        raise UserError(f"{key} is missing: put the private key of key pair {settings.keypair_name} there.")
+    mode = key.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise UserError(f"{key} is readable by others (mode {mode:04o}): chmod 600 {key}.")
+    derived = subprocess.run(["ssh-keygen", "-y", "-f", str(key)], capture_output=True, text=True)
+    if derived.returncode != 0:
+        raise UserError(f"{key} is not a private key ssh can read: put the key pair's .pem there.")
+    if not public.is_file() or public.read_text().split()[:2] != derived.stdout.split()[:2]:
+        raise UserError(f"{public} does not match {key}: write it with ssh-keygen -y -f {key} > {public}.")
+    regions = aws.boto3.session.Session().get_available_regions("ec2")
+    if provider["region"] not in regions:
+        raise UserError(f"region {provider['region']!r} in {settings.clap_path / 'configs' / 'providers.yaml'} "
+                        f"is not an EC2 region: use one like us-east-1.")
+    if settings.runner == "docker" and not settings.efs_host:
+        raise UserError("EFS_HOST is empty: set it in .env to your EFS file system's DNS name or address "
+                        "(the docker runner reads the app and data from it).")
+    try:
+        client = aws.ec2_client_from_clap_config(settings.clap_path, template["provider"])
+        aws.check_credentials(client)
+        group = template.get("security_group")
+        if group and aws.security_group_allows_intra_group_tcp(client, group) is False:
+            warn(f"security group {group} does not let the nodes reach each other on every TCP port; "
+                 f"gloo needs that: add an all-TCP rule from the group itself.")
+    except aws.AwsError as error:
+        raise UserError(str(error)) from None
 
 
 def nodes_alive(handles: Clap, ids: list[str]) -> dict[str, bool]:
@@ -572,3 +655,55 @@ def read_run_logs(settings: Settings, state: dict, run_id: str, handles: Clap | 
         raise UserError(f"cannot read the logs on rank 0 ({result.error}): is the node up? `make status`.")
     parts = re.split(r"^==> output-(\d+)\.txt <==\n", "".join(result.stdout_lines or []), flags=re.MULTILINE)
     return {int(rank): text for rank, text in zip(parts[1::2], parts[2::2], strict=True)}
+
+
+# -- AWS: our tags, the lifetime cap, the bill -------------------------------------
+AWS_ENV_OVERRIDES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                     "AWS_DEFAULT_PROFILE")
+
+
+def aws_client(settings: Settings) -> Any:
+    import aws
+
+    try:
+        return aws.ec2_client_from_clap_config(settings.clap_path, aws_template(settings)[0]["provider"])
+    except aws.AwsError as error:
+        raise UserError(str(error)) from None
+
+
+def adopt_instances(settings: Settings, state: dict, cloud_ids: list[str]) -> None:
+    """Tag the instances as ours (so `status`/`down` find them without any record) and make
+    them terminate, not stop, when they shut down (MAX_HOURS)."""
+    import aws
+
+    client = aws_client(settings)
+    aws.tag_instances(client, cloud_ids, PROJECT, state["cluster_id"])
+    for cloud_id in cloud_ids:
+        client.modify_instance_attribute(InstanceId=cloud_id, Attribute="instanceInitiatedShutdownBehavior",
+                                         Value="terminate")
+
+
+def hourly_cost(settings: Settings, count: int) -> float | None:
+    import aws
+
+    template, provider, _ = aws_template(settings)
+    try:
+        return aws.hourly_cost(template["flavor"], provider["region"], count)
+    except aws.AwsError as error:
+        warn(str(error))
+        return None
+
+
+def sweep_instances(settings: Settings, state: dict | None) -> list[str]:
+    """Terminate every instance tagged with this cluster (or project, when the cluster is unknown)
+    and wait until each is really terminated. Returns the ids that were still alive."""
+    import aws
+
+    client = aws_client(settings)
+    cluster_id = state["cluster_id"] if state else None
+    alive = [i["InstanceId"] for i in aws.find_cluster_instances(client, PROJECT, cluster_id)]
+    try:
+        aws.terminate_and_wait(client, alive, timeout=600)
+    except TimeoutError as error:
+        raise UserError(f"{error}: run `make down` again, or terminate them in the EC2 console.") from None
+    return alive

@@ -21,17 +21,26 @@ def main(argv: list[str] | None = None) -> int:
         except UserError as error:
             common.warn(f"{error} Stopping every node CLAP knows for this project instead.")
             state = None
+        common.check_provider(settings, state)
         handles = common.clap(settings, state)
         ids = common.node_ids(state) if state else []
         ids += [n for n in common.project_nodes(handles, state) if n not in ids]
+        known = cloud_ids(handles, ids)
         if ids:
             common.say(f"stopping {len(ids)} nodes")
             stopped = set(handles.node_manager.stop_nodes(ids))
             left = [node_id[:8] for node_id in ids if node_id not in stopped]
-            if left:
+            if left and settings.provider != "aws":
                 raise UserError(f"nodes {', '.join(left)} did not stop (see above); they stay in "
                                 f"{settings.nodes_file.name}: run `make down` again.")
-        orphans = common.stop_local_orphans(settings, handles)
+        if settings.provider == "aws":
+            # By tag: CLAP keeps no record of an instance its start lost, nor stops one already stopping.
+            orphans = len(set(common.sweep_instances(settings, state)) - known)
+            for node in handles.node_manager.get_all_nodes():
+                if node.node_id in ids:  # terminated for sure now, whatever CLAP's stop said
+                    handles.node_manager.remove_node(node.node_id)
+        else:
+            orphans = common.stop_local_orphans(settings, handles)
         common.close_connections(settings)
         for run in (state or {}).get("runs", []):
             if not run.get("fetched") and settings.provider == "local":
@@ -42,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         common.say(f"down: {len(ids) + orphans} nodes stopped, {settings.nodes_file.name} cleared.")
     return 0
+
+
+def cloud_ids(handles: common.Clap, ids: list[str]) -> set[str]:
+    return {node.cloud_instance_id for node in handles.node_manager.get_nodes_by_id(ids)}
 
 
 if __name__ == "__main__":

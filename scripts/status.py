@@ -38,13 +38,32 @@ def main(argv: list[str] | None = None) -> int:
     for run in state.get("runs", []):
         fetched = f"fetched to {run['fetched']}" if run.get("fetched") else "not fetched"
         print(f"  {run['id']}  {run['state']:8} {run['epochs']} epochs  {fetched}")
+    if settings.provider == "aws":
+        cost = common.hourly_cost(settings, len(state["nodes"]))
+        if cost is not None:
+            print(f"  cost so far about ${cost * age / 3600:.2f} (${cost:.4f}/hour)")
+        strays = cloud_strays(settings, {node.get("cloud_id") for node in state["nodes"]})
+        if strays:
+            print(f"  ALSO RUNNING, not in {settings.nodes_file.name}: {', '.join(strays)} (`make down` stops them)")
     return 0 if all(alive.values()) else 1
+
+
+def cloud_strays(settings: common.Settings, known: set[str]) -> list[str]:
+    """Instances tagged as this project's that no record of ours names."""
+    import aws
+
+    found = aws.find_cluster_instances(common.aws_client(settings), common.PROJECT)
+    return sorted(i["InstanceId"] for i in found if i["InstanceId"] not in known)
 
 
 def report_records(settings: common.Settings, state: dict | None) -> int:
     """No usable nodes.json: is anything of ours still running?"""
     handles = common.clap(settings, state)
     ids = common.project_nodes(handles, None)
+    strays = cloud_strays(settings, set()) if settings.provider == "aws" else []
+    if strays:
+        print(f"instances of this project are running: {', '.join(strays)}; `make down` terminates them.")
+        return 1
     if not ids:
         print(f"no cluster: nothing in {settings.nodes_file.name} and no node of this project in CLAP's records.")
         return 0

@@ -30,15 +30,25 @@ def main(argv: list[str] | None = None) -> int:
         handles = common.clap(settings, state)
         template = common.instance_info(settings, handles.config_db)
         common.say(f"starting {settings.nodes} {settings.instance_type} nodes (cluster {state['cluster_id']})")
+        if settings.provider == "aws":
+            cost = common.hourly_cost(settings, settings.nodes)
+            if cost is not None:
+                common.say(f"expected cost: ${cost:.4f} per hour; they terminate themselves after "
+                           f"MAX_HOURS={settings.max_hours:g} h")
+        common.write_state(settings, state)  # the cluster id, before anything starts
         with common.recording(settings, state, "up"):
             ids = handles.node_manager.start_node(template, count=settings.nodes)
             nodes = {node.node_id: node for node in handles.node_manager.get_nodes_by_id(ids)}
             state["nodes"] = [
                 {"id": node_id, "rank": rank, "name": nodes[node_id].nickname, "address": nodes[node_id].ip,
-                 "private_address": nodes[node_id].extra.get("private_ip") or nodes[node_id].ip}
+                 "private_address": nodes[node_id].extra.get("private_ip") or nodes[node_id].ip,
+                 "cloud_id": nodes[node_id].cloud_instance_id}
                 for rank, node_id in enumerate(ids)
             ]
             common.write_state(settings, state)  # recorded before anything else can fail
+            handles.node_manager.add_tags(ids, common.cluster_tags(state))
+            if settings.provider == "aws":
+                common.adopt_instances(settings, state, [node["cloud_id"] for node in state["nodes"]])
             if settings.connection_tries > 0:
                 alive = handles.node_manager.is_alive(ids, retries=settings.connection_tries, wait_timeout=5)
                 dead = [node_id[:8] for node_id, ok in alive.items() if not ok]

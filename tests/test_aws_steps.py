@@ -1,0 +1,155 @@
+"""`make check/up/status/down` with PROVIDER=aws against the EC2 emulator.
+
+Every command runs inside a network namespace that has only loopback, where the
+emulator listens, so nothing can leave the machine. The emulator's instances have
+fake public addresses: CONNECTION_TRIES=0 and no role action, so none is contacted.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, clap_checkout, need_root
+from ec2_emulator import Ec2Emulator, ec2_emulator
+
+KEYPAIR = "dcgan-test-key"
+GROUP = "open-security-group"
+
+
+@pytest.fixture(scope="module")
+def emulator() -> Iterator[Ec2Emulator]:
+    need_root()
+    pytest.importorskip("moto.server", reason="moto[server] is not installed")
+    with ec2_emulator() as emu:
+        yield emu
+
+
+@pytest.fixture
+def aws_env(project: dict, emulator: Ec2Emulator, tmp_path: Path) -> dict:
+    """The project's own clap_config, with keys, on the emulator; its key pair and group exist there."""
+    private = Path(project["CLAP_PATH"]) / "private"
+    (private / "ec2_access_key.pub").write_text("AKIAEXAMPLEEXAMPLE00\n")
+    (private / "ec2_access_key.pem").write_text("example-secret-key\n")
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(private / "key.pem")], check=True)
+    (private / "key.pem.pub").rename(private / "key.pub")
+    public_key = (private / "key.pub").read_text().strip()
+    emulator.python_json(f"""
+import boto3, json
+ec2 = boto3.client("ec2", endpoint_url="{emulator.endpoint}", region_name="us-east-1",
+                   aws_access_key_id="x", aws_secret_access_key="x")
+if not ec2.describe_key_pairs(Filters=[{{"Name": "key-name", "Values": ["{KEYPAIR}"]}}])["KeyPairs"]:
+    ec2.import_key_pair(KeyName="{KEYPAIR}", PublicKeyMaterial="{public_key}".encode())
+if not ec2.describe_security_groups(Filters=[{{"Name": "group-name", "Values": ["{GROUP}"]}}])["SecurityGroups"]:
+    gid = ec2.create_security_group(GroupName="{GROUP}", Description="nodes")["GroupId"]
+    ec2.authorize_security_group_ingress(GroupId=gid, IpPermissions=[{{"IpProtocol": "-1",
+        "UserIdGroupPairs": [{{"GroupId": gid}}]}}])
+print(json.dumps(True))
+""")
+    return {**project, "PROVIDER": "aws", "KEYPAIR_NAME": KEYPAIR, "EFS_HOST": "fs-emulated.efs",
+            "CONNECTION_TRIES": "0", "HOME": str(tmp_path)}
+
+
+def make(emulator: Ec2Emulator, env: dict, *targets: str) -> subprocess.CompletedProcess:
+    extra = {k: v for k, v in env.items() if not k.startswith("AWS_") and k not in ("EC2_URL", "BOTO_CONFIG")}
+    return emulator.run(["make", "-s", "-C", str(ROOT), *targets], extra_env=extra, timeout=600)
+
+
+def instances(emulator: Ec2Emulator, states: tuple[str, ...] = ("pending", "running")) -> list[dict]:
+    return emulator.python_json(f"""
+import boto3, json
+ec2 = boto3.client("ec2", endpoint_url="{emulator.endpoint}", region_name="us-east-1",
+                   aws_access_key_id="x", aws_secret_access_key="x")
+found = [i for r in ec2.describe_instances(Filters=[{{"Name": "instance-state-name",
+         "Values": {list(states)}}}])["Reservations"] for i in r["Instances"]]
+for i in found:
+    i["ShutdownBehavior"] = ec2.describe_instance_attribute(InstanceId=i["InstanceId"],
+        Attribute="instanceInitiatedShutdownBehavior")["InstanceInitiatedShutdownBehavior"]["Value"]
+print(json.dumps([{{"id": i["InstanceId"], "type": i["InstanceType"], "shutdown": i["ShutdownBehavior"],
+                   "tags": {{t["Key"]: t["Value"] for t in i.get("Tags", [])}}}} for i in found]))
+""")
+
+
+BAD_KEYS = [
+    ("ec2_access_key.pub", "", "ec2_access_key.pub is missing or empty: put your AWS access key id in it"),
+    ("ec2_access_key.pem", None, "ec2_access_key.pem is missing or empty: put your AWS secret access key in it"),
+    ("key.pem", "chmod", "key.pem is readable by others (mode 0644): chmod 600"),
+    ("key.pub", "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB7ZwOJ3tNw9Yb2lPpaQ4XbUucL6f9aF0j1qwmZ9bD1C other",
+     "key.pub does not match"),
+    ("key.pem", "garbage", "is not a private key ssh can read"),
+]
+
+
+@pytest.mark.parametrize(("name", "content", "message"), BAD_KEYS, ids=[f"{n}-{m[:20]}" for n, _, m in BAD_KEYS])
+def test_check_rejects_each_bad_key(aws_env: dict, emulator: Ec2Emulator, name: str, content: str | None,
+                                    message: str) -> None:
+    path = Path(aws_env["CLAP_PATH"]) / "private" / name
+    if content is None:
+        path.unlink()
+    elif content == "chmod":
+        path.chmod(0o644)
+    else:
+        path.write_text(content)
+    done = make(emulator, aws_env, "check")
+    assert done.returncode != 0
+    assert message in done.stderr
+    assert instances(emulator) == [] or not any(  # nothing of this project was started
+        i["tags"].get("ClapProject") for i in instances(emulator))
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ({"KEYPAIR_NAME": ""}, "KEYPAIR_NAME is empty: set it in .env"),
+    ({"EFS_HOST": ""}, "EFS_HOST is empty: set it in .env"),
+    ({"MAX_HOURS": "0"}, "MAX_HOURS='0' must be a number of hours above 0"),
+])
+def test_check_rejects_missing_settings(aws_env: dict, emulator: Ec2Emulator, setting: dict, message: str) -> None:
+    done = make(emulator, {**aws_env, **setting}, "check")
+    assert done.returncode != 0 and message in done.stderr
+
+
+def test_check_passes_with_good_keys_and_one_ec2_call(aws_env: dict, emulator: Ec2Emulator) -> None:
+    done = make(emulator, aws_env, "check")
+    assert done.returncode == 0, done.stderr
+    assert "ready: 2 x type-t2.medium on aws, runner docker" in done.stdout
+
+
+def test_up_status_down_tags_and_terminates(aws_env: dict, emulator: Ec2Emulator) -> None:
+    aws_env["CLAP"] = str(clap_checkout())
+    up = make(emulator, aws_env, "up")
+    assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-2000:]
+    assert "expected cost: $0.0928 per hour" in up.stdout  # 2 x t2.medium, clap_config/prices.yaml
+    cluster = json.loads(Path(aws_env["NODES_FILE"]).read_text())["cluster_id"]
+    ours = [i for i in instances(emulator) if i["tags"].get("ClapClusterId") == cluster]
+    assert len(ours) == 2
+    assert all(i["type"] == "t2.medium" and i["shutdown"] == "terminate" for i in ours), ours
+    assert all(i["tags"]["ClapProject"] == "dcgan-clap" for i in ours)
+
+    status = make(emulator, aws_env, "status")
+    assert status.returncode == 0, status.stderr
+    assert status.stdout.count(" alive") == 2 and "cost so far about $" in status.stdout
+
+    down = make(emulator, aws_env, "down")
+    assert down.returncode == 0, down.stderr
+    assert not Path(aws_env["NODES_FILE"]).exists()
+    assert [i for i in instances(emulator) if i["tags"].get("ClapClusterId") == cluster] == []
+    assert {i["id"] for i in ours} <= {i["id"] for i in instances(emulator, ("terminated",))}
+
+
+def test_orphans_are_found_by_tag_when_every_record_is_lost(aws_env: dict, emulator: Ec2Emulator) -> None:
+    aws_env["CLAP"] = str(clap_checkout())
+    assert make(emulator, aws_env, "up").returncode == 0
+    cluster = json.loads(Path(aws_env["NODES_FILE"]).read_text())["cluster_id"]
+    Path(aws_env["NODES_FILE"]).unlink()
+    (Path(aws_env["CLAP_PATH"]) / "storage" / "nodes.db").unlink()
+
+    status = make(emulator, aws_env, "status")
+    assert status.returncode != 0  # something runs that no record names: not a clean state
+    assert "instances of this project are running" in status.stdout
+
+    down = make(emulator, aws_env, "down")
+    assert down.returncode == 0, down.stderr
+    assert [i for i in instances(emulator) if i["tags"].get("ClapClusterId") == cluster] == []

@@ -26,3 +26,4 @@ SSH_HOSTS=                  # local: your own machines instead of namespace host
 SSH_USER=root               # local with SSH_HOSTS: the login user (key: clap_config/private/ssh_key)
 LOCAL_SUBNET=10.213.0.0/24  # local: the namespace hosts' private subnet
 CLAP_PATH=clap_config       # CLAP's configuration, roles and records
+DRY_RUN=                    # 1: each step prints what it would do (nodes, cost, playbook, commands), touches nothing

@@ -21,6 +21,11 @@ STEPS = (("up", up), ("setup", setup), ("run", run), ("results", results))
 
 def main(argv: list[str] | None = None) -> int:
     argparse.ArgumentParser(description=__doc__).parse_args(argv)
+    if common.load_settings().dry_run:
+        status = up.main([])
+        print("DRY RUN: then setup, run, results and down on those nodes (`DRY_RUN=1 make <step>` shows "
+              "each once the nodes exist).")
+        return status
     for name, step in STEPS:
         try:
             status = step.main([])

@@ -131,6 +131,7 @@ class Settings:
     local_subnet: str
     clap_path: Path
     clap: Path
+    dry_run: bool
     user_set: frozenset[str] = field(default_factory=frozenset)  # the names the user set
 
     @property
@@ -220,6 +221,7 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         local_subnet=raw["LOCAL_SUBNET"],
         clap_path=clap_path,
         clap=Path(environ.get("CLAP") or ROOT / "CLAP").resolve(),
+        dry_run=raw["DRY_RUN"].strip() not in ("", "0"),
         user_set=user_set,
     )
 
@@ -707,3 +709,33 @@ def sweep_instances(settings: Settings, state: dict | None) -> list[str]:
     except TimeoutError as error:
         raise UserError(f"{error}: run `make down` again, or terminate them in the EC2 console.") from None
     return alive
+
+
+# -- DRY_RUN=1: the plan, and nothing done ---------------------------------------------
+def show_plan(settings: Settings, state: dict, action: str, run_id: str = "") -> None:
+    """What a role action would do: playbook, hosts, variables and, for `run`, each rank's command."""
+    extra = role_vars(settings, state, action, run_id)
+    per_node = node_vars(state)
+    print(f"DRY RUN: would play {settings.clap_path / 'roles' / 'roles' / f'dcgan_{action}.yaml'}")
+    for node in state["nodes"]:
+        print(f"  on rank {node['rank']}: node {node['id'][:8]} at {node['address']}  "
+              f"{json.dumps(per_node[node['id']])}")
+    print(f"  with {json.dumps(extra, indent=None)}")
+    if action == "run":
+        for node in state["nodes"]:
+            print(f"  rank {node['rank']} runs: {rank_command(settings, state, extra, per_node[node['id']])}")
+    print("Nothing was started, changed or written.")
+
+
+def rank_command(settings: Settings, state: dict, extra: dict, per_node: dict) -> str:
+    """A rank's command line, rendered by Ansible's own templating from the role's definitions."""
+    from ansible.parsing.dataloader import DataLoader
+    from ansible.template import Templar
+
+    defaults = read_yaml(settings.clap_path / "roles" / "roles" / "dcgan_defaults.yaml")
+    master = state["nodes"][0]
+    facts = {"ansible_play_hosts_all": node_ids(state), "dcgan_master_addr": master["private_address"],
+             "dcgan_ifname": "<interface to the master>",
+             "dcgan_threads": extra.get("omp_num_threads") or "<the node's cores>"}
+    templar = Templar(loader=DataLoader(), variables={**defaults, **extra, **per_node, **facts})
+    return templar.template("{{ dcgan_rank_command }}")

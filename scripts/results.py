@@ -22,6 +22,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"{target} already exists: run {run['id']} was fetched before; move that folder "
                             f"away to fetch it again.")
         common.check_results_dir(settings)
+        if settings.dry_run:
+            common.show_plan(settings, {**state, "nodes": state["nodes"][:1]}, "results", run["id"])
+            return 0
         handles = common.clap(settings, state)
         with common.recording(settings, state, "results"):
             result = handles.role_manager.perform_action(

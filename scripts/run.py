@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
         state = common.need_nodes(settings, "run")
         if state.get("steps", {}).get("setup", {}).get("state") != "done":
             raise UserError("the nodes are not set up: run `make setup` before `make run`.")
+        if settings.dry_run:
+            common.show_plan(settings, state, "run", (current_run(state) or {}).get("id") or new_run_id(state))
+            return 0
         run = current_run(state)
         if run:
             common.say(f"re-attaching to run {run['id']}, going since {_clock(run['started'])}")

@@ -15,6 +15,9 @@ def main(argv: list[str] | None = None) -> int:
     with common.exclusive(settings, "setup"):
         state = common.need_nodes(settings, "setup")
         common.preflight(settings)
+        if settings.dry_run:
+            common.show_plan(settings, state, "setup")
+            return 0
         if settings.synthetic_data:
             make_synthetic_data(settings)
         handles = common.clap(settings, state)

@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
         if state and state.get("nodes"):
             return already_up(settings, state)
         common.preflight(settings)
+        if settings.dry_run:
+            return show_plan(settings)
         if settings.provider == "local" and not settings.ssh_hosts:
             common.ensure_local_key(settings)
 
@@ -58,6 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     for node in state["nodes"]:
         common.say(f"rank {node['rank']}: node {node['id'][:8]} at {node['address']}")
     common.say(f"{settings.nodes} nodes up in {state['steps']['up']['seconds']:.1f} s; next: make setup")
+    return 0
+
+
+def show_plan(settings: common.Settings) -> int:
+    cost = common.hourly_cost(settings, settings.nodes) if settings.provider == "aws" else 0.0
+    print(f"DRY RUN: would start {settings.nodes} {settings.instance_type} nodes on {settings.provider}"
+          f"{f', expected cost ${cost:.4f} per hour' if cost else ''}, then check SSH "
+          f"{settings.connection_tries} times. Nothing was started or written.")
     return 0
 
 

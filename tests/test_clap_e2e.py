@@ -7,7 +7,10 @@ run them with CLAP=<checkout at the pinned commit>.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -70,3 +73,40 @@ def test_single_targets_rerun_alone(env: dict) -> None:
     down = make(env, "down")
     assert down.returncode == 0 and "2 nodes stopped" in down.stdout
     assert "already down" in make(env, "down").stdout
+
+
+def test_ctrl_c_during_up_leaves_nothing_behind(env: dict) -> None:
+    """SIGINT while CLAP is starting nodes: what was made is removed or recorded, and `make down` ends it."""
+    up = subprocess.Popen(["make", "-s", "-C", str(ROOT), "up"], env={**env, "NODES": "6"},
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not leftovers("213-251") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert leftovers("213-251"), "no host appeared"
+    os.killpg(up.pid, signal.SIGINT)
+    _, err = up.communicate(timeout=60)
+    assert up.returncode != 0
+    assert "interrupted" in err
+    make(env, "down")
+    assert leftovers("213-251") == []
+    assert "no cluster" in make(env, "status").stdout
+
+
+@pytest.mark.parametrize("damage", ["deleted", "corrupted"])
+def test_lost_nodes_file_still_finds_the_nodes(env: dict, damage: str) -> None:
+    assert make(env, "up").returncode == 0
+    nodes_file = Path(env["NODES_FILE"])
+    if damage == "deleted":
+        nodes_file.unlink()
+    else:
+        nodes_file.write_text('{"format": 1, "nod')
+    status = make(env, "status")
+    assert status.returncode != 0
+    assert "CLAP's records hold 2 of this project" in status.stdout
+    if damage == "corrupted":
+        assert "is damaged (not JSON)" in status.stderr
+        assert "is damaged (not JSON)" in make(env, "run").stderr  # a step refuses, clearly
+    down = make(env, "down")
+    assert down.returncode == 0, down.stderr
+    assert "2 nodes stopped" in down.stdout
+    assert leftovers("213-251") == []

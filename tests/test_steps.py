@@ -157,3 +157,31 @@ def test_second_command_on_the_same_nodes_file_refuses(project: dict) -> None:
         done = step("setup", project)
     assert done.returncode == 1
     assert f"`make run` (PID {os.getpid()}) is using nodes.json" in done.stderr
+
+
+@pytest.mark.parametrize("name", ["setup", "run", "results"])
+def test_dry_run_prints_the_plan_and_touches_nothing(project: dict, name: str) -> None:
+    write_nodes(project, steps={"setup": {"state": "done"}},
+                runs=[{"id": "run-1", "state": "done", "started": 0, "epochs": 2, "fetched": False}],
+                nodes=[{"id": f"{rank}" * 32, "rank": rank, "name": f"n{rank}", "address": f"10.0.0.{rank + 2}",
+                        "private_address": f"10.0.0.{rank + 2}"} for rank in (0, 1)])
+    before = Path(project["NODES_FILE"]).read_bytes()
+    done = step(name, project, DRY_RUN="1")
+    assert done.returncode == 0, done.stderr
+    assert f"DRY RUN: would play {project['CLAP_PATH']}/roles/roles/dcgan_{name}.yaml" in done.stdout
+    assert "Nothing was started, changed or written." in done.stdout
+    assert Path(project["NODES_FILE"]).read_bytes() == before
+    assert not Path(project["RESULTS_DIR"]).exists()
+    if name == "run":
+        for rank in (0, 1):
+            assert (f"rank {rank} runs: env GLOO_SOCKET_IFNAME=<interface to the master> OMP_NUM_THREADS="
+                    in done.stdout)
+            assert f"--nnodes 2 --node_rank {rank} --master_addr 10.0.0.2 --master_port 29500" in done.stdout
+
+
+def test_dry_run_up_says_what_it_would_start(project: dict) -> None:
+    done = step("up", project, DRY_RUN="1", NODES="3")
+    assert done.returncode == 0, done.stderr
+    assert "DRY RUN: would start 3 type-local nodes on local" in done.stdout
+    assert not Path(project["NODES_FILE"]).exists()
+    assert not (Path(project["CLAP_PATH"]) / "private" / "local_key").exists()

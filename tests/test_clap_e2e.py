@@ -110,3 +110,18 @@ def test_lost_nodes_file_still_finds_the_nodes(env: dict, damage: str) -> None:
     assert down.returncode == 0, down.stderr
     assert "2 nodes stopped" in down.stdout
     assert leftovers("213-251") == []
+
+
+def test_notebook_runs_the_course_flow_end_to_end(env: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    nbclient = pytest.importorskip("nbclient", reason="nbclient is not installed")
+    import nbformat
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)  # the kernel inherits them
+    notebook = nbformat.read(ROOT / "notebooks" / "dcgan.ipynb", as_version=4)
+    nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    runs = list(Path(env["RESULTS_DIR"]).iterdir())
+    assert len(runs) == 1
+    assert_trained(runs[0], epochs=2)
+    assert leftovers("213-251") == []

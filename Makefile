@@ -70,6 +70,10 @@ test: $(STAMP) lint ## lint, then every test (root-only and CLAP tests skip with
 lint: $(STAMP) ## ruff, yamllint and ansible-lint (production profile)
 	$(PY) scripts/lint.py
 
+.PHONY: bench
+bench: $(STAMP) ## time every step for 2, 4 and 8 local nodes into bench/results.md (root)
+	$(PY) scripts/bench.py
+
 .PHONY: clean
 clean: ## remove the venv and generated files (refuses while nodes.json lists nodes)
 	$(PYTHON) scripts/clean.py $(VENV)

@@ -169,3 +169,17 @@ def test_rank_that_never_meets_its_master_fails_within_the_bound(cluster: dict) 
     reason = outcome(cluster["user_dir"] / "runs" / "lonely", 1)["reason"]
     assert "rank 0 never started" in reason or "unreachable" in reason
     assert rank_processes(cluster, 1) == []
+
+
+def test_a_new_run_stops_the_rank_an_abandoned_run_left(cluster: dict) -> None:
+    abandoned = threading.Event()
+    thread, _ = start_long_run(cluster, "old", cancel=abandoned.is_set)
+    wait_for_training(cluster["user_dir"] / "runs" / "old", 0)
+    abandoned.set()  # its controller is gone; its ranks would keep the port
+    thread.join(timeout=30)
+
+    fresh = play(cluster, "run", run_id="new", epochs=1, master_hostname=cluster["ids"][0])
+    assert fresh.status == "successful", failure_messages(fresh)
+    for rank in (0, 1):
+        assert outcome(cluster["user_dir"] / "runs" / "old", rank)["reason"] == "stopped on request"
+    assert rank_processes(cluster, 0) == [] and rank_processes(cluster, 1) == []

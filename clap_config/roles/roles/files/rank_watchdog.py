@@ -20,6 +20,7 @@ Stdlib only, Python 3.8+: it runs with the node's system Python.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -69,6 +70,8 @@ def start(args: argparse.Namespace) -> int:
     if me.info.exists():
         print(f"rank {args.rank} of this run was already started: {me.info}")
         return 0
+    if args.node_state and stop(argparse.Namespace(node_state=args.node_state, keep_run_dir=args.run_dir)) != 0:
+        return 1  # a leftover rank would hold the port, and the new run would fail on it
     first = os.fork()
     if first:  # the caller (an Ansible task) returns once the rank is recorded
         os.waitpid(first, 0)
@@ -114,7 +117,8 @@ def _watch(args: argparse.Namespace, me: Rank) -> int:
         else:
             outcome = watch.check()
             if outcome is None:
-                time.sleep(args.beat)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    child.wait(timeout=args.beat)  # wakes at once when the rank ends
     if child.poll() is None:
         _stop_child(child, args.stop_command)
     code, reason = outcome
@@ -240,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     p_start.add_argument("--world", type=int, required=True)
     p_start.add_argument("--log", type=Path, required=True)
     p_start.add_argument("--node", default="")
-    p_start.add_argument("--node-state", type=Path, help="where this node records its current rank")
+    p_start.add_argument("--node-state", type=Path,
+                         help="where this node records its current rank; an earlier one still going is stopped")
     p_start.add_argument("--timeout", type=float, default=3600, help="wall-clock bound, seconds")
     p_start.add_argument("--peer-timeout", type=float, default=60, help="silence that means a peer is lost")
     p_start.add_argument("--beat", type=float, default=1.0, help="heartbeat period, seconds")

@@ -24,8 +24,6 @@ from pathlib import Path
 import common
 import dcgan_logs
 
-STEPS = ("up", "setup", "setup again", "run", "results (200 files)", "status", "down")
-
 
 def timed(command: list[str], env: dict[str, str]) -> float:
     started = time.monotonic()
@@ -35,8 +33,8 @@ def timed(command: list[str], env: dict[str, str]) -> float:
     return time.monotonic() - started
 
 
-def step(name: str, env: dict[str, str]) -> float:
-    return timed([sys.executable, str(common.ROOT / "scripts" / f"{name}.py")], env)
+def step(name: str, env: dict[str, str], *args: str) -> float:
+    return timed([sys.executable, str(common.ROOT / "scripts" / f"{name}.py"), *args], env)
 
 
 def floor(settings: common.Settings, state: dict, action: str, run_id: str, work: Path) -> float:
@@ -73,7 +71,8 @@ def one_round(nodes: int, base_env: dict[str, str], work: Path) -> dict[str, flo
     samples = sorted(run_dir.glob("*.png"))
     for n in range(200 - len(list(run_dir.iterdir()))):  # as many files as a long run of the real app leaves
         shutil.copy(samples[n % len(samples)], run_dir / f"extra_{n:03d}.png")
-    times["results (200 files)"] = step("results", env)
+    times["results (200 files)"] = step("results", env, "--no-report")  # the same work as the floor's
+    times["report"] = step("report", env, str(settings.results_dir / run_id))
     shutil.rmtree(settings.results_dir / run_id)  # the floor fetches the same run to the same place
     times["floor: results"] = floor(settings, state, "results", run_id, work)
     times["status"] = step("status", env)

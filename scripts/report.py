@@ -57,15 +57,19 @@ def _md_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def _state_words(data: dict, finished: str, failed: str, unfinished: str) -> str:
+    if data["all_finished"]:
+        return finished
+    if data["failed_ranks"]:
+        return failed + ", ".join(str(r) for r in data["failed_ranks"])
+    return unfinished
+
+
 def render_summary_md(data: dict, folder_name: str) -> str:
     """Readable Markdown: run facts, then one table row per rank, then errors."""
     ranks = data["ranks"]
-    if data["all_finished"]:
-        state = "all ranks finished"
-    elif data["failed_ranks"]:
-        state = "failed ranks: " + ", ".join(str(r) for r in data["failed_ranks"])
-    else:
-        state = "not finished (still running, or stopped without an error)"
+    state = _state_words(data, "all ranks finished", "failed ranks: ",
+                         "not finished (still running, or stopped without an error)")
     lines = [
         f"# DCGAN run report: {folder_name}",
         "",
@@ -275,12 +279,7 @@ def draw_report(logs: dict[int, RankLog], data: dict, folder: Path, out_path: Pa
     _draw_image(fig.add_subplot(grid[1, 1]), real, "Real samples of the same step",
                 "no real_samples_*.png found")
 
-    if data["all_finished"]:
-        state = "finished"
-    elif data["failed_ranks"]:
-        state = "FAILED rank(s) " + ", ".join(str(r) for r in data["failed_ranks"])
-    else:
-        state = "not finished"
+    state = _state_words(data, "finished", "FAILED rank(s) ", "not finished")
     done = min((r["epochs_completed"] for r in data["ranks"]), default=0)
     title = (
         f"DCGAN run {folder.resolve().name}: {len(data['ranks'])} rank(s), "

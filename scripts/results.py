@@ -12,6 +12,7 @@ from common import UserError
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--run-id", help="the run to fetch (default: the last one)")
+    parser.add_argument("--no-report", action="store_true", help="copy only; `make report` draws it later")
     args = parser.parse_args(argv)
     settings = common.load_settings()
     with common.exclusive(settings, "results"):
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
             if not result.ok:
                 raise UserError(f"results failed: {common.playbook_failure(result, state)}")
             run["fetched"] = str(target)
-    if report.main([str(target)]) != 0:
+    if not args.no_report and report.main([str(target)]) != 0:
         common.warn(f"no report for {target}; its files are there all the same.")
     outputs = sorted(p.name for p in target.glob("output-*.txt"))
     common.say(f"run {run['id']} is in {target}: {', '.join(outputs) or 'no output-*.txt'}, "

@@ -125,6 +125,8 @@ def test_up_status_down_tags_and_terminates(aws_env: dict, emulator: Ec2Emulator
     cluster = json.loads(Path(aws_env["NODES_FILE"]).read_text())["cluster_id"]
     ours = [i for i in instances(emulator) if i["tags"].get("ClapClusterId") == cluster]
     assert len(ours) == 2
+    secret = "example-secret-key"
+    assert secret not in up.stdout + up.stderr and secret not in Path(aws_env["NODES_FILE"]).read_text()
     assert all(i["type"] == "t2.medium" and i["shutdown"] == "terminate" for i in ours), ours
     assert all(i["tags"]["ClapProject"] == "dcgan-clap" for i in ours)
 

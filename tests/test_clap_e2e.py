@@ -125,3 +125,27 @@ def test_notebook_runs_the_course_flow_end_to_end(env: dict, monkeypatch: pytest
     assert len(runs) == 1
     assert_trained(runs[0], epochs=2)
     assert leftovers("213-251") == []
+
+
+def test_ctrl_c_on_run_keeps_training_and_run_reattaches(env: dict) -> None:
+    assert make(env, "up", "setup").returncode == 0
+    run = subprocess.Popen(["make", "-s", "-C", str(ROOT), "run"], env={**env, "EPOCHS": "12", "PROGRESS_EVERY": "1"},
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    logs = Path(env["EFS_MOUNT_POINT"]) / "dcgan" / "runs"
+    while time.monotonic() < deadline and "[iteration: 3/" not in "".join(
+            p.read_text() for p in logs.glob("*/output-1.txt")):
+        time.sleep(0.2)
+    os.killpg(run.pid, signal.SIGINT)
+    out, err = run.communicate(timeout=60)
+    assert "the training goes on: `make run` re-attaches" in err
+    assert "iter" in out  # progress lines were shown while it trained
+
+    logs_now = make(env, "logs")
+    assert logs_now.returncode == 0 and "--- rank 1: output-1.txt" in logs_now.stdout
+    again = make(env, "run")
+    assert again.returncode == 0, again.stderr
+    assert "re-attaching to run" in again.stdout and "finished" in again.stdout
+    state = json.loads(Path(env["NODES_FILE"]).read_text())
+    assert len(state["runs"]) == 1 and state["runs"][0]["state"] == "done"
+    assert "[rank: 1] Epoch 11 took:" in next(logs.glob("*/output-1.txt")).read_text()

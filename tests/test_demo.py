@@ -209,28 +209,19 @@ def test_png_round_trip() -> None:
 # ---------------------------------------------------------------- dist_dcgan under torchrun
 
 
+def _two_ranks(dataroot: Path, epochs: int, *app_args: str) -> list[str]:
+    """The demo on 2 local ranks, launched like the role launches the app."""
+    return _torchrun() + ["--standalone", "--nproc_per_node", "2", str(DEMO / "dist_dcgan.py"),
+                          "--dataset", "cifar10", "--dataroot", str(dataroot), "--test_data",
+                          "--num_epochs", str(epochs), *app_args]
+
+
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
     root = tmp_path_factory.mktemp("run")
     make_cifar.make_dataset(root / "data", 96, 4, 0)
     out = root / "out"
-    cmd = _torchrun() + [
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(DEMO / "dist_dcgan.py"),
-        "--dataset",
-        "cifar10",
-        "--dataroot",
-        str(root / "data"),
-        "--test_data",
-        "--num_epochs",
-        "2",
-        "--batch_size",
-        "16",
-        "--out_folder",
-        str(out),
-    ]
+    cmd = _two_ranks(root / "data", 2, "--batch_size", "16", "--out_folder", str(out))
     return _run(cmd), out
 
 
@@ -270,21 +261,7 @@ def test_two_ranks_write_valid_pngs(two_rank_run: tuple[subprocess.CompletedProc
 
 
 def test_missing_dataset_fails_clearly(tmp_path: Path) -> None:
-    cmd = _torchrun() + [
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(DEMO / "dist_dcgan.py"),
-        "--dataset",
-        "cifar10",
-        "--dataroot",
-        str(tmp_path / "nothing"),
-        "--test_data",
-        "--num_epochs",
-        "1",
-        "--out_folder",
-        str(tmp_path / "out"),
-    ]
+    cmd = _two_ranks(tmp_path / "nothing", 1, "--out_folder", str(tmp_path / "out"))
     result = _run(cmd)
     assert result.returncode != 0
     missing = str(tmp_path / "nothing" / "cifar-10-batches-py" / "test_batch")

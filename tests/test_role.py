@@ -7,6 +7,7 @@ per-node node_rank and private_ip; the role's vars come as extra vars.
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -43,7 +44,7 @@ def test_setup_says_where_the_data_is_missing(cluster: dict, tmp_path: Path) -> 
 def test_setup_says_when_the_python_lacks_torch(cluster: dict) -> None:
     result = play(cluster, "setup", dcgan_python="/usr/bin/python3")
     assert result.status == "failed"
-    assert "cannot import torch" in failure_messages(result)
+    assert "/usr/bin/python3 has no torch" in failure_messages(result)
 
 
 def test_run_trains_one_rank_per_node(cluster: dict) -> None:
@@ -85,3 +86,15 @@ def test_results_of_a_run_that_never_started(cluster: dict, tmp_path: Path) -> N
     assert result.status == "failed"
     assert "run nope never started there" in failure_messages(result)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_hosts_take_keys_only_and_listen_only_on_their_address(cluster: dict) -> None:
+    host = cluster["hosts"][0]
+    password = subprocess.run(
+        ["ssh", "-o", "BatchMode=yes", "-o", "PreferredAuthentications=password,keyboard-interactive",
+         "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", f"root@{host.address}", "true"],
+        capture_output=True, text=True, timeout=30)
+    assert password.returncode == 255 and "Permission denied" in password.stderr
+    listening = subprocess.run(["ip", "netns", "exec", host.namespace, "ss", "-Hltn"],
+                               capture_output=True, text=True, check=True).stdout.split()
+    assert f"{host.address}:22" in listening and "0.0.0.0:22" not in listening and "*:22" not in listening

@@ -31,6 +31,8 @@ STATE_FORMAT = 1
 PROJECT = "dcgan-clap"
 ROLE = "dcgan"
 NODE_PYTHON = "/usr/bin/python3"
+# ansible-runner takes over Ctrl-C while a playbook runs: it cancels it and reports this code.
+PLAYBOOK_CANCELED = 254
 
 PROVIDER_DEFAULTS = {
     "local": {
@@ -476,6 +478,8 @@ def role_vars(settings: Settings, state: dict, action: str, run_id: str = "") ->
 
 def playbook_failure(result: Any, state: dict) -> str:
     """Which nodes failed a playbook, and the first message each gave."""
+    if result.ret_code == PLAYBOOK_CANCELED:
+        return "interrupted (Ctrl-C)"
     ranks = {node["id"]: node["rank"] for node in state["nodes"]}
     failures = []
     for host, ok in sorted(result.hosts.items(), key=lambda item: ranks.get(item[0], -1)):

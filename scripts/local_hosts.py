@@ -127,8 +127,9 @@ class LocalHosts:
                     address = next(free, None)
                     if address is None:
                         raise LocalHostError(f"no free address left in LOCAL_SUBNET={self.network}.")
-                    host = self._create_host(address, authorized_key)
-                    made.append(host)
+                    host = self._new_host(address)
+                    made.append(host)  # before any of it exists: a Ctrl-C half-way is cleaned up too
+                    self._start_host(host, authorized_key)
                     hosts.append(host)
                 self._write_hosts_files(hosts)
                 for host in made:
@@ -137,7 +138,8 @@ class LocalHosts:
                 # Ctrl-C or a failure half-way: take down what this call made, nothing else.
                 for host in made:
                     self._destroy_host(host)
-                    hosts.remove(host)
+                    if host in hosts:
+                        hosts.remove(host)
                 if not hosts:
                     self._remove_bridge()
                 raise
@@ -149,13 +151,15 @@ class LocalHosts:
             _run("ip", "addr", "add", f"{self.gateway}/{self.network.prefixlen}", "dev", self.bridge)
         _run("ip", "link", "set", self.bridge, "up")
 
-    def _create_host(self, address: str, authorized_key: str) -> Host:
+    def _new_host(self, address: str) -> Host:
         last = address.split(".")[-1]
         name = f"node-{self.tag}-{last}"
-        namespace = f"dcgan-{self.tag}-{last}"
-        veth = f"dcg{self.tag}-{last}"[:15]
-        host_dir = self.state_dir / name
-        host = Host(name, namespace, address, veth, 0, str(host_dir))
+        return Host(name, f"dcgan-{self.tag}-{last}", address, f"dcg{self.tag}-{last}"[:15], 0,
+                    str(self.state_dir / name))
+
+    def _start_host(self, host: Host, authorized_key: str) -> None:
+        namespace, address, veth, name = host.namespace, host.address, host.veth, host.name
+        host_dir = Path(host.state_dir)
         self._remove_leftovers(host)
         host_dir.mkdir(parents=True, exist_ok=True)
 
@@ -180,14 +184,12 @@ class LocalHosts:
         (host_dir / "sshd_config").write_text(_sshd_config(address, host_dir))
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
         with open(host_dir / "sshd.log", "ab") as log:
-            process = subprocess.Popen(
+            host.pid = subprocess.Popen(
                 [*in_ns, "unshare", "--uts", "--pid", "--mount-proc", "--kill-child", "--",
                  "sh", "-c", f'hostname "$0" && exec {SSHD} -D -e -f "$1"', name, str(host_dir / "sshd_config")],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True,  # not ended by the Ctrl-C of the command that made it
-            )
-        host.pid = process.pid
-        return host
+            ).pid
 
     def _write_hosts_files(self, hosts: list[Host]) -> None:
         """Every host resolves every host; its own name maps to its own address.

@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
                 result = handles.role_manager.perform_action(
                     common.ROLE, "run", common.node_ids(state), node_vars=common.node_vars(state),
                     extra_args=common.role_vars(settings, state, "run", run["id"]), quiet=True)
+                if result.ret_code == common.PLAYBOOK_CANCELED:
+                    raise KeyboardInterrupt
                 progress.finish()
                 run["state"] = "done" if result.ok else "failed"
                 run["finished"] = time.time()

@@ -10,7 +10,7 @@ PYTHON ?= python3#        the Python that makes the venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stamp
 PYTEST_ARGS ?=#           e.g. make test PYTEST_ARGS='-k role -x'
-RUN ?= $(lastword $(sort $(wildcard $(or $(RESULTS_DIR),results)/run-*)))#  the fetched run `make report` reads
+RUN ?=#                   the fetched run `make report` reads (default: the newest)
 
 ##@ The experiment
 .PHONY: all
@@ -50,7 +50,7 @@ logs: $(STAMP) ## last lines of every rank's output in the current run (RANK=n f
 	$(PY) scripts/logs.py
 
 .PHONY: report
-report: $(STAMP) ## summary.md and report.png of a fetched run: make report RUN=results/<run_id>
+report: $(STAMP) ## summary.md and report.png of a fetched run (RUN=results/<run_id>, default the newest)
 	$(PY) scripts/report.py $(RUN)
 
 ##@ Development

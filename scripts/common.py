@@ -514,6 +514,13 @@ def check_local(settings: Settings) -> None:
     if "CIFAR_DATA_DIR" in settings.user_set and not test_batch(settings).is_file():
         raise UserError(f"CIFAR_DATA_DIR={settings.cifar_data_dir} has no cifar-10-batches-py/test_batch: "
                         f"extract cifar-10-python.tar.gz there (or leave it empty for a synthetic set).")
+    if settings.ssh_hosts:
+        key = settings.clap_path / "private" / "ssh_key"
+        if not key.is_file():
+            raise UserError(f"SSH_HOSTS is set but {key} is missing: put the private key that logs in "
+                            f"as SSH_USER={settings.ssh_user} on those hosts there (chmod 600).")
+        if key.stat().st_mode & 0o077:
+            raise UserError(f"{key} is readable by others: chmod 600 {key}.")
     if os.geteuid() != 0 and not settings.ssh_hosts:
         raise UserError("the local cluster needs root (it makes network namespaces): run it as root, "
                         "e.g. `sudo make all`.")

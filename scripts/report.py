@@ -302,6 +302,15 @@ def draw_report(logs: dict[int, RankLog], data: dict, folder: Path, out_path: Pa
     fig.savefig(out_path, format="png")
 
 
+def newest_run() -> Path:
+    import common
+
+    runs = sorted(common.load_settings().results_dir.glob("run-*"))
+    if not runs:
+        raise SystemExit("report: no fetched run in RESULTS_DIR: `make results` fetches one, or give RUN=<folder>.")
+    return runs[-1]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="report.py",
@@ -311,14 +320,15 @@ def build_parser() -> argparse.ArgumentParser:
             "(and touches nothing else)."
         ),
     )
-    parser.add_argument("run_folder", metavar="RUN_FOLDER", type=Path,
-                        help="folder holding the ranks' output-<rank>.txt logs")
+    parser.add_argument("run_folder", metavar="RUN_FOLDER", type=Path, nargs="?",
+                        help="folder holding the ranks' output-<rank>.txt logs (default: the newest run "
+                             "in RESULTS_DIR)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    folder: Path = args.run_folder
+    folder: Path = args.run_folder or newest_run()
     if not folder.is_dir():
         print(f"report: {folder}: not a directory (expected a run folder with output-<rank>.txt logs)",
               file=sys.stderr)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, clap_checkout, leftovers, need_root
+from local_hosts import LocalHosts
 
 
 @pytest.fixture
@@ -149,3 +151,36 @@ def test_ctrl_c_on_run_keeps_training_and_run_reattaches(env: dict) -> None:
     state = json.loads(Path(env["NODES_FILE"]).read_text())
     assert len(state["runs"]) == 1 and state["runs"][0]["state"] == "done"
     assert "[rank: 1] Epoch 11 took:" in next(logs.glob("*/output-1.txt")).read_text()
+
+
+def test_dry_run_of_all_and_down_touches_nothing(env: dict) -> None:
+    dry_all = make(env, "all", "DRY_RUN=1")
+    assert dry_all.returncode == 0 and "DRY RUN: would start 2 type-local nodes" in dry_all.stdout
+    assert leftovers("213-251") == [] and not Path(env["NODES_FILE"]).exists()
+
+    assert make(env, "up").returncode == 0
+    before = Path(env["NODES_FILE"]).read_bytes()
+    dry_down = make(env, "down", "DRY_RUN=1")
+    assert dry_down.returncode == 0 and "DRY RUN: would stop 2 nodes" in dry_down.stdout
+    assert Path(env["NODES_FILE"]).read_bytes() == before
+    assert make(env, "status").stdout.count(" alive") == 2
+
+
+def test_your_own_ssh_hosts_are_used_and_never_removed(env: dict, ssh_key: Path, tmp_path: Path) -> None:
+    """SSH_HOSTS: machines you already have (here: namespace hosts made outside the tool)."""
+    mine = LocalHosts(tmp_path / "mine", "10.213.253.0/24")
+    try:
+        hosts = mine.create(2, ssh_key.with_suffix(".pub").read_text())
+        private = Path(env["CLAP_PATH"]) / "private"
+        shutil.copy(ssh_key, private / "ssh_key")
+        (private / "ssh_key").chmod(0o600)
+        env = {**env, "SSH_HOSTS": ",".join(h.address for h in hosts), "SSH_USER": "root", "EPOCHS": "1"}
+        done = make(env, "up", "setup", "run", "logs", "results", "down")
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert "--- rank 1: output-1.txt" in done.stdout  # read over SSH on rank 0, as on a cloud
+        (run,) = Path(env["RESULTS_DIR"]).iterdir()
+        assert_trained(run, epochs=1)
+        assert all(mine.is_up(h) for h in mine.hosts())  # yours: used, never removed
+    finally:
+        mine.destroy()
+    assert leftovers("213-253") == []

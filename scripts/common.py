@@ -656,9 +656,9 @@ def read_run_logs(settings: Settings, state: dict, run_id: str, handles: Clap | 
     if settings.provider == "local" and not settings.ssh_hosts:
         return {rank: Path(folder, f"output-{rank}.txt").read_text(errors="replace")
                 for rank in range(len(state["nodes"])) if Path(folder, f"output-{rank}.txt").exists()}
+    handles = handles or clap(settings, state)
     from clap.executor import SSHCommandExecutor
 
-    handles = handles or clap(settings, state)
     master = handles.node_manager.get_nodes_by_id(node_ids(state)[:1])
     # tail's own headers ("==> output-0.txt <==") split the files: one command for all ranks.
     command = f"cd {shlex.quote(folder)} 2>/dev/null && tail -v -n +1 -- output-*.txt"

@@ -611,6 +611,7 @@ def check_aws(settings: Settings) -> None:
         raise UserError(str(error)) from None
 
 
+# -- the nodes, as their providers and CLAP's records know them --------------------
 def nodes_alive(handles: Clap, ids: list[str]) -> dict[str, bool]:
     """Ask each node's provider (no SSH): is the machine there and running?"""
     from clap.node import NodeStatus

@@ -7,9 +7,11 @@ With nodes.json lost or damaged, it lists what CLAP's records still know.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import common
+import dcgan_logs
 from common import UserError
 
 
@@ -38,6 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     for run in state.get("runs", []):
         fetched = f"fetched to {run['fetched']}" if run.get("fetched") else "not fetched"
         print(f"  {run['id']}  {run['state']:8} {run['epochs']} epochs  {fetched}")
+    if state.get("runs") and state["runs"][-1]["state"] == "running" and all(alive.values()):
+        logs = common.read_run_logs(settings, state, state["runs"][-1]["id"], handles)
+        for rank, text in sorted(logs.items()):
+            log = dcgan_logs.parse_log(text)
+            log.rank = rank if log.rank is None else log.rank
+            print("    " + dcgan_logs.progress_line(log, None, None, color=sys.stdout.isatty()))
     if settings.provider == "aws":
         cost = common.hourly_cost(settings, len(state["nodes"]))
         if cost is not None:

@@ -143,6 +143,8 @@ def test_ctrl_c_on_run_keeps_training_and_run_reattaches(env: dict) -> None:
     assert "the training goes on: `make run` re-attaches" in err
     assert "iter" in out  # progress lines were shown while it trained
 
+    status = make(env, "status")
+    assert "running" in status.stdout and "rank 1  epoch" in status.stdout  # the run's progress
     logs_now = make(env, "logs")
     assert logs_now.returncode == 0 and "--- rank 1: output-1.txt" in logs_now.stdout
     again = make(env, "run")

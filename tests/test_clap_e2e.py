@@ -186,3 +186,16 @@ def test_your_own_ssh_hosts_are_used_and_never_removed(env: dict, ssh_key: Path,
     finally:
         mine.destroy()
     assert leftovers("213-253") == []
+
+
+def test_make_all_keeps_the_nodes_when_a_step_fails_and_says_how_to_go_on(env: dict) -> None:
+    done = make(env, "all", "DCGAN_PYTHON=/usr/bin/python3")  # a Python without torch: setup fails
+    assert done.returncode != 0
+    assert "/usr/bin/python3 has no torch" in done.stdout + done.stderr
+    assert "`make all` stopped at `setup`. The nodes are KEPT and still running." in done.stderr
+    assert "resume:   make setup run results down" in done.stderr and "or stop:  make down" in done.stderr
+    assert make(env, "status").stdout.count(" alive") == 2
+    resumed = make(env, "setup", "run", "results", "down")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    (run,) = Path(env["RESULTS_DIR"]).iterdir()
+    assert_trained(run, epochs=2)

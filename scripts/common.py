@@ -526,7 +526,7 @@ def check_local(settings: Settings) -> None:
                         "e.g. `sudo make all`.")
     for tool, package in (("ip", "iproute2"), ("sshd", "openssh-server"), ("unshare", "util-linux"),
                           ("ssh", "openssh-client")):
-        if not any(Path(d, tool).exists() for d in ("/usr/sbin", "/usr/bin", "/sbin", "/bin")):
+        if not shutil.which(tool, path="/usr/sbin:/usr/bin:/sbin:/bin"):
             raise UserError(f"`{tool}` is missing: apt-get install {package}.")
     if not shutil.which(settings.dcgan_python):
         raise UserError(f"DCGAN_PYTHON={settings.dcgan_python} is not an executable: point it at a Python "

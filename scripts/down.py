@@ -27,9 +27,9 @@ def main(argv: list[str] | None = None) -> int:
         ids += [n for n in common.project_nodes(handles, state) if n not in ids]
         known = cloud_ids(handles, ids)
         if settings.dry_run:
+            sweep = f"instances tagged {common.PROJECT}" if settings.provider == "aws" else "unrecorded local hosts"
             print(f"DRY RUN: would stop {len(ids)} nodes ({', '.join(i[:8] for i in ids) or 'none'}), sweep "
-                  f"{'instances tagged ' + common.PROJECT if settings.provider == 'aws' else 'unrecorded local hosts'}"
-                  f" and clear {settings.nodes_file.name}. Nothing was stopped or written.")
+                  f"{sweep} and clear {settings.nodes_file.name}. Nothing was stopped or written.")
             return 0
         if ids:
             common.say(f"stopping {len(ids)} nodes")

@@ -9,6 +9,7 @@ VENV ?= .venv#            where the Python environment lives: make deps VENV=/op
 PYTHON ?= python3#        the Python that makes the venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stamp
+CLAP_SOURCE := CLAP/app/cli/modules/node.py
 PYTEST_ARGS ?=#           e.g. make test PYTEST_ARGS='-k role -x'
 RUN ?=#                   the fetched run `make report` reads (default: the newest)
 
@@ -57,13 +58,18 @@ report: $(STAMP) ## summary.md and report.png of a fetched run (RUN=results/<run
 .PHONY: deps
 deps: $(STAMP) ## make the venv with the pinned requirements (only when they change)
 
-$(STAMP): requirements.txt requirements-local.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-local.txt requirements-dev.txt | $(CLAP_SOURCE)
 	$(PY) -c '' 2>/dev/null || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt -r requirements-local.txt -r requirements-dev.txt
 	touch $@
 
+# An empty CLAP submodule is filled on every make until it is (unless CLAP= points elsewhere).
+$(CLAP_SOURCE):
+	@$(PYTHON) scripts/clap_source.py fill
+
 .PHONY: test
-test: $(STAMP) lint ## lint, then every test (root-only and CLAP tests skip with a reason)
+test: export CLAP := $(or $(CLAP),$(shell $(PYTHON) scripts/clap_source.py for-tests))
+test: $(STAMP) lint ## lint, then every test (CLAP: yours, the submodule, or the pinned archive in ../shared)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 .PHONY: lint

@@ -19,6 +19,7 @@ APP_ARGS=                   # extra arguments for dist_dcgan.py, e.g. --max_work
 SYNTHETIC_IMAGES=2048       # size of the synthetic CIFAR-10 test set made for the local default
 CONNECTION_TRIES=3          # SSH liveness attempts at `up`; 0 = no SSH attempt
 RUN_TIMEOUT=3600            # wall-clock bound of a run, seconds
+STALL_TIMEOUT=300           # a rank whose output has not grown this long (seconds) ends the run as hung; 0 = never
 MASTER_PORT=29500           # rendezvous port on rank 0
 KEYPAIR_NAME=               # aws: name of your EC2 key pair (key.pem/key.pub in clap_config/private)
 MAX_HOURS=3                 # aws: a node terminates itself this long after `make up`, forgotten or not

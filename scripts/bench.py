@@ -1,11 +1,15 @@
-"""make bench: what each step costs on the local cluster, for 2, 4 and 8 nodes.
+"""make bench: what each step costs on the local cluster, for 2, 4, 8 and 16 nodes.
 
 Each step runs as `make` runs it (one Python process per step), on its own nodes.json,
 subnet and CLAP records, so a cluster of yours is not touched. Each figure is the
-median of --repeat rounds. `run` overhead = the step's wall time minus the app's own
-training time read from its logs. The floor: the same playbook played directly by
-`ansible-playbook` on the inventory CLAP builds, with the same Ansible settings.
-Writes bench/results.md.
+median of --repeat rounds. Floors, measured in the same round as the step:
+  - setup and results: the same playbook played directly by `ansible-playbook` on the
+    inventory CLAP builds, with the same Ansible settings;
+  - run: the rank commands `DRY_RUN=1 make run` prints, started at the same moment
+    straight inside each host's namespace (no SSH, Ansible, CLAP or watchdog).
+While `make run` trains, the CPU seconds of every process on the hosts are sampled
+from /proc: the machinery (watchdogs, sshd sessions, Ansible modules) against the
+training's own (torchrun and the app). Writes bench/results.md.
 """
 
 from __future__ import annotations
@@ -18,11 +22,16 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import common
 import dcgan_logs
+from local_hosts import LocalHosts
+
+TICKS = os.sysconf("SC_CLK_TCK")
+RANK_MARKERS = ("torch.distributed.run", "dist_dcgan.py")  # the training's processes; the rest is machinery
 
 
 def timed(command: list[str], env: dict[str, str]) -> float:
@@ -51,7 +60,89 @@ def floor(settings: common.Settings, state: dict, action: str, run_id: str, work
     (work / "extra.json").write_text(json.dumps(common.role_vars(settings, state, action, run_id)))
     playbook = settings.clap_path / "roles" / "roles" / f"dcgan_{action}.yaml"
     return timed([str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(work / "inventory.json"),
-                  "-e", f"@{work / 'extra.json'}", str(playbook)], {**os.environ, **common.ansible_env(settings)})
+                  "-e", f"@{work / 'extra.json'}", str(playbook)],
+                 {**os.environ, **common.ansible_env(settings, state)})
+
+
+def floor_run(settings: common.Settings, state: dict) -> float:
+    """The rank commands of a run, started together straight inside each host's namespace."""
+    run_id = f"floor-{len(state['nodes'])}-{time.monotonic_ns()}"
+    extra = common.role_vars(settings, state, "run", run_id)
+    folder = Path(common.run_folder(settings, run_id))
+    folder.mkdir(parents=True)
+    namespaces = {host.address: host.namespace for host in hosts_of(settings)}
+    started = time.monotonic()
+    ranks = []
+    for node, per_node in zip(state["nodes"], common.node_vars(state).values(), strict=True):
+        command = common.rank_command(settings, state, extra, per_node).replace("<interface to the master>", "eth0")
+        with open(folder / f"output-{node['rank']}.txt", "wb") as log:
+            ranks.append(subprocess.Popen(["ip", "netns", "exec", namespaces[node["address"]], "sh", "-c", command],
+                                          stdout=log, stderr=subprocess.STDOUT))
+    codes = [rank.wait() for rank in ranks]
+    took = time.monotonic() - started
+    if any(codes):
+        raise SystemExit(f"bench: the floor's ranks exited with {codes}: see {folder}")
+    shutil.rmtree(folder)
+    return took
+
+
+def hosts_of(settings: common.Settings) -> list:
+    return LocalHosts(settings.local_dir, settings.local_subnet).hosts()
+
+
+class CpuDuringTraining(threading.Thread):
+    """CPU seconds on the hosts between the first iteration of every rank and the last epoch's end,
+    split into the training's processes and everything else (the machinery)."""
+
+    def __init__(self, settings: common.Settings) -> None:
+        super().__init__(daemon=True)
+        self.settings, self.done = settings, threading.Event()
+        self.first: dict[int, tuple[bool, float]] | None = None
+        self.last: dict[int, tuple[bool, float]] | None = None
+
+    def run(self) -> None:
+        namespaces = {os.stat(f"/run/netns/{host.namespace}").st_ino for host in hosts_of(self.settings)}
+        while not self.done.wait(0.5):
+            state = common.read_state(self.settings)
+            runs = (state or {}).get("runs") or []
+            if not runs or runs[-1]["state"] != "running":
+                continue
+            logs = dcgan_logs.parse_run_folder(Path(common.run_folder(self.settings, runs[-1]["id"])))
+            if len(logs) < len(state["nodes"]) or not all(log.iterations for log in logs.values()):
+                continue  # not every rank trains yet
+            if any(len(log.epoch_times) == self.settings.epochs for log in logs.values()):
+                continue  # a rank is done: what follows is the end, not training
+            sample = host_processes(namespaces)
+            self.first = self.first or sample
+            self.last = sample
+
+    def seconds(self) -> tuple[float, float]:
+        """(machinery, training) CPU seconds between the first and the last sample."""
+        self.done.set()
+        self.join()
+        if not self.first or self.first is self.last:
+            raise SystemExit("bench: the run trained too briefly to sample its CPU: raise SYNTHETIC_IMAGES.")
+        used = {True: 0.0, False: 0.0}
+        for pid, (training, cpu) in self.last.items():
+            used[training] += cpu - self.first.get(pid, (training, 0.0))[1]
+        return used[False], used[True]
+
+
+def host_processes(namespaces: set[int]) -> dict[int, tuple[bool, float]]:
+    """Every process in those network namespaces: pid -> (is it the training's, CPU seconds so far,
+    with those of its children already reaped, as the short-lived ones are)."""
+    found = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if os.stat(proc / "ns" / "net").st_ino not in namespaces:
+                continue
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            command = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue  # gone meanwhile
+        found[int(proc.name)] = (any(marker in command for marker in RANK_MARKERS),
+                                 sum(int(value) for value in fields[11:15]) / TICKS)
+    return found
 
 
 def one_round(nodes: int, base_env: dict[str, str], work: Path) -> dict[str, float]:
@@ -61,7 +152,14 @@ def one_round(nodes: int, base_env: dict[str, str], work: Path) -> dict[str, flo
     state = common.read_state(settings)
     times["floor: setup again"] = floor(settings, state, "setup", "", work)
 
+    times["floor: run"] = floor_run(settings, state)
+    cpu = CpuDuringTraining(settings)
+    cpu.start()
     times["run"] = step("run", env)
+    times["run / floor"] = times["run"] / times["floor: run"]
+    machinery, training = cpu.seconds()
+    times["CPU s on the hosts: machinery"], times["CPU s on the hosts: training"] = machinery, training
+    times["machinery / training CPU %"] = 100 * machinery / training
     state = common.read_state(settings)
     run_id = state["runs"][-1]["id"]
     run_dir = Path(common.run_folder(settings, run_id))
@@ -82,7 +180,7 @@ def one_round(nodes: int, base_env: dict[str, str], work: Path) -> dict[str, flo
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--nodes", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--nodes", type=int, nargs="+", default=[2, 4, 8, 16])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--out", type=Path, default=common.ROOT / "bench" / "results.md")
     args = parser.parse_args(argv)
@@ -129,7 +227,7 @@ def table(medians: dict[int, dict[str, float]], repeat: int) -> str:
     ]
     for key in keys:
         values = [medians[n][key] for n in counts]
-        ratio = f"{values[-1] / values[0]:.2f}x" if values[0] > 0 else "-"
+        ratio = f"{values[-1] / values[0]:.2f}x" if values[0] > 0 and "/" not in key else "-"
         lines.append(f"| {key} | " + " | ".join(f"{v:.2f}" for v in values) + f" | {ratio} |")
     lines += ["", "| scripts + CLAP / direct ansible-playbook | " + " | ".join(f"{n} nodes" for n in counts) + " |",
               "|---|" + "---:|" * len(counts)]

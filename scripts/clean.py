@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         if listed:
             print(f"error: {nodes_file.name} lists nodes: run `make down` before `make clean`.", file=sys.stderr)
             return 1
-    doomed = [args.venv, ROOT / ".cluster", ROOT / ".ruff_cache", ROOT / ".pytest_cache",
+    doomed = [args.venv, ROOT / ".cluster", ROOT / ".cache", ROOT / ".ruff_cache", ROOT / ".pytest_cache",
               *ROOT.glob("**/__pycache__")]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)

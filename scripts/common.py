@@ -33,6 +33,7 @@ ROLE = "dcgan"
 NODE_PYTHON = "/usr/bin/python3"
 # ansible-runner takes over Ctrl-C while a playbook runs: it cancels it and reports this code.
 PLAYBOOK_CANCELED = 254
+PROGRESS_EVERY_S = 10  # seconds between two progress reports of a run
 
 PROVIDER_DEFAULTS = {
     "local": {
@@ -125,6 +126,7 @@ class Settings:
     synthetic_images: int
     connection_tries: int
     run_timeout: int
+    stall_timeout: int
     master_port: int
     keypair_name: str
     max_hours: float
@@ -156,6 +158,14 @@ def _whole(raw: dict[str, str], name: str, minimum: int, example: str) -> int:
     if number < minimum:
         raise UserError(f"{name}={number} must be at least {minimum}: set it like {name}={example}.")
     return number
+
+
+def _stall_timeout(raw: dict[str, str]) -> int:
+    seconds = _whole(raw, "STALL_TIMEOUT", 0, "300")
+    if 0 < seconds < PROGRESS_EVERY_S:
+        raise UserError(f"STALL_TIMEOUT={seconds} is shorter than the progress report interval "
+                        f"({PROGRESS_EVERY_S} s): set it like STALL_TIMEOUT=300, or STALL_TIMEOUT=0 to turn it off.")
+    return seconds
 
 
 def _hours(value: str) -> float:
@@ -215,6 +225,7 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         synthetic_images=_whole(raw, "SYNTHETIC_IMAGES", 32, "512"),
         connection_tries=_whole(raw, "CONNECTION_TRIES", 0, "3"),
         run_timeout=_whole(raw, "RUN_TIMEOUT", 30, "3600"),
+        stall_timeout=_stall_timeout(raw),
         master_port=_whole(raw, "MASTER_PORT", 1024, "29500"),
         keypair_name=raw["KEYPAIR_NAME"],
         max_hours=_hours(raw["MAX_HOURS"]),
@@ -375,7 +386,7 @@ def import_clap(settings: Settings) -> None:
 
 def clap(settings: Settings, state: dict | None = None) -> Clap:
     import_clap(settings)
-    os.environ.update(ansible_env(settings))  # CLAP hands os.environ to Ansible
+    os.environ.update(ansible_env(settings, state))  # CLAP hands os.environ to Ansible
     if settings.provider == "aws":
         # Ansible's AWS modules prefer these to CLAP's key files: keep to the files.
         for name in AWS_ENV_OVERRIDES:
@@ -407,7 +418,12 @@ def control_dir(settings: Settings) -> Path:
     return Path(tempfile.gettempdir()) / f"dcgan-cp-{digest}"
 
 
-def ansible_env(settings: Settings) -> dict[str, str]:
+def cluster_size(settings: Settings, state: dict | None) -> int:
+    """How many nodes the cluster has: nodes.json once they exist; NODES only tells `up` how many to start."""
+    return len(state["nodes"]) if state and state.get("nodes") else settings.nodes
+
+
+def ansible_env(settings: Settings, state: dict | None = None) -> dict[str, str]:
     """Ansible settings for the cluster; they reach CLAP's runs through the environment."""
     bin_dir = str(Path(sys.executable).parent)  # ansible-runner runs the `ansible-playbook` on PATH
     return {
@@ -418,7 +434,7 @@ def ansible_env(settings: Settings) -> dict[str, str]:
             "-o ConnectTimeout=10 "
             f"-o StrictHostKeyChecking=accept-new -o UserKnownHostsFile={known_hosts_file(settings)}"),
         "ANSIBLE_SSH_CONTROL_PATH_DIR": str(control_dir(settings)),
-        "ANSIBLE_FORKS": str(max(5, settings.nodes)),
+        "ANSIBLE_FORKS": str(max(5, cluster_size(settings, state))),
         "ANSIBLE_DEPRECATION_WARNINGS": "False",
         "ANSIBLE_LOCALHOST_WARNING": "False",
         "ANSIBLE_RETRY_FILES_ENABLED": "False",
@@ -466,10 +482,11 @@ def role_vars(settings: Settings, state: dict, action: str, run_id: str = "") ->
         return {**shared, "efs_host": settings.efs_host,
                 "shutdown_after_minutes": max(1, int(minutes_left)) if settings.provider == "aws" else 0}
     if action == "run":
-        threads = max(1, (os.cpu_count() or 1) // settings.nodes) if settings.provider == "local" else 0
+        threads = max(1, (os.cpu_count() or 1) // len(state["nodes"])) if settings.provider == "local" else 0
         return {**shared, "master_hostname": state["nodes"][0]["id"], "run_id": run_id,
                 "epochs": settings.epochs, "master_port": settings.master_port,
-                "run_timeout": settings.run_timeout, "app_args": settings.app_args,
+                "run_timeout": settings.run_timeout, "stall_timeout": settings.stall_timeout,
+                "app_args": settings.app_args,
                 "omp_num_threads": threads}
     if action == "results":
         return {"user_dir": settings.user_dir, "results_dir": str(settings.results_dir), "run_id": run_id}
@@ -489,7 +506,8 @@ def playbook_failure(result: Any, state: dict) -> str:
         for event in result.events.get(host, []):
             if event.get("event") in ("runner_on_failed", "runner_on_unreachable"):
                 res = event.get("event_data", {}).get("res", {})
-                message = (res.get("msg") or res.get("stderr") or "").strip().splitlines()
+                # A command's own words (stderr) say more than Ansible's "non-zero return code".
+                message = (res.get("stderr") or res.get("msg") or "").strip().splitlines()
                 message = message[-1] if message else event["event"]
                 break
         failures.append(f"node {host[:8]} (rank {ranks.get(host, '?')}): {message}")
@@ -648,27 +666,64 @@ def run_folder(settings: Settings, run_id: str) -> str:
 
 
 def read_run_logs(settings: Settings, state: dict, run_id: str, handles: Clap | None = None) -> dict[int, str]:
-    """Every rank's output-<rank>.txt of a run, read where the shared filesystem is.
+    """Every rank's output-<rank>.txt of a run, as it is now."""
+    return RunLogs(settings, state, run_id, handles).read()
+
+
+class RunLogs:
+    """Every rank's output-<rank>.txt of a run, read where the shared filesystem is, and each
+    read brings only what was written since the last: the cost does not grow with the run.
 
     On the local cluster that is this machine; elsewhere one SSH command on rank 0
     (no Ansible: this is polled while training runs).
     """
-    folder = run_folder(settings, run_id)
-    if settings.provider == "local" and not settings.ssh_hosts:
-        return {rank: Path(folder, f"output-{rank}.txt").read_text(errors="replace")
-                for rank in range(len(state["nodes"])) if Path(folder, f"output-{rank}.txt").exists()}
-    handles = handles or clap(settings, state)
-    from clap.executor import SSHCommandExecutor
 
-    master = handles.node_manager.get_nodes_by_id(node_ids(state)[:1])
-    # tail's own headers ("==> output-0.txt <==") split the files: one command for all ranks.
-    command = f"cd {shlex.quote(folder)} 2>/dev/null && tail -v -n +1 -- output-*.txt"
-    result = SSHCommandExecutor(command, master, str(settings.clap_path / "private"),
-                                connection_timeout=10, execution_timeout=30).run()[master[0].node_id]
-    if not result.ok:
-        raise UserError(f"cannot read the logs on rank 0 ({result.error}): is the node up? `make status`.")
-    parts = re.split(r"^==> output-(\d+)\.txt <==\n", "".join(result.stdout_lines or []), flags=re.MULTILINE)
-    return {int(rank): text for rank, text in zip(parts[1::2], parts[2::2], strict=True)}
+    def __init__(self, settings: Settings, state: dict, run_id: str, handles: Clap | None = None) -> None:
+        self.settings, self.state, self.handles = settings, state, handles
+        self.folder = run_folder(settings, run_id)
+        self.texts: dict[int, str] = {}
+        self.sizes: dict[int, int] = {}  # bytes read of each rank's log
+
+    def read(self) -> dict[int, str]:
+        if self.settings.provider == "local" and not self.settings.ssh_hosts:
+            new = self._read_here()
+        else:
+            new = self._read_on_master()
+        for rank, (size, text) in new.items():
+            self.sizes[rank] = size
+            self.texts[rank] = self.texts.get(rank, "") + text
+        return dict(self.texts)
+
+    def _read_here(self) -> dict[int, tuple[int, str]]:
+        new = {}
+        for rank in range(len(self.state["nodes"])):
+            try:
+                with open(Path(self.folder, f"output-{rank}.txt"), "rb") as log:
+                    log.seek(self.sizes.get(rank, 0))
+                    chunk = log.read()
+            except FileNotFoundError:
+                continue
+            new[rank] = (self.sizes.get(rank, 0) + len(chunk), chunk.decode(errors="replace"))
+        return new
+
+    def _read_on_master(self) -> dict[int, tuple[int, str]]:
+        self.handles = self.handles or clap(self.settings, self.state)
+        from clap.executor import SSHCommandExecutor
+
+        master = self.handles.node_manager.get_nodes_by_id(node_ids(self.state)[:1])
+        # Per rank a header with the log's size, then its bytes from where the last read stopped.
+        reads = "; ".join(
+            f"f=output-{rank}.txt; [ -f $f ] && s=$(stat -c %s $f) && printf '\\n==> {rank} %s <==\\n' $s && "
+            f"tail -c +{self.sizes.get(rank, 0) + 1} $f | head -c $((s - {self.sizes.get(rank, 0)}))"
+            for rank in range(len(self.state["nodes"])))
+        command = f"cd {shlex.quote(self.folder)} 2>/dev/null || exit 0; {reads}; true"
+        result = SSHCommandExecutor(command, master, str(self.settings.clap_path / "private"),
+                                    connection_timeout=10, execution_timeout=30).run()[master[0].node_id]
+        if not result.ok:
+            raise UserError(f"cannot read the logs on rank 0 ({result.error}): is the node up? `make status`.")
+        parts = re.split(r"\n==> (\d+) (\d+) <==\n", "".join(result.stdout_lines or []))
+        return {int(rank): (int(size), text) for rank, size, text in zip(parts[1::3], parts[2::3], parts[3::3],
+                                                                          strict=True)}
 
 
 # -- AWS: our tags, the lifetime cap, the bill -------------------------------------
@@ -746,8 +801,9 @@ def rank_command(settings: Settings, state: dict, extra: dict, per_node: dict) -
 
     defaults = read_yaml(settings.clap_path / "roles" / "roles" / "dcgan_defaults.yaml")
     master = state["nodes"][0]
-    facts = {"ansible_play_hosts_all": node_ids(state), "dcgan_master_addr": master["private_address"],
-             "dcgan_ifname": "<interface to the master>",
-             "dcgan_threads": extra.get("omp_num_threads") or "<the node's cores>"}
+    facts = {"ansible_play_hosts_all": node_ids(state), "dcgan_master_addr": master["private_address"]}
     templar = Templar(loader=DataLoader(), variables={**defaults, **extra, **per_node, **facts})
-    return templar.template("{{ dcgan_rank_command }}")
+    # What the rank's watchdog puts in its environment on the node (rank_watchdog.rank_environment).
+    environment = (f"env GLOO_SOCKET_IFNAME=<interface to the master> "
+                   f"OMP_NUM_THREADS={extra.get('omp_num_threads') or '<the node cores>'} PYTHONUNBUFFERED=1")
+    return f"{environment} {templar.template('{{ dcgan_rank_command }}')}"

@@ -380,21 +380,27 @@ def progress_line(
     *,
     color: bool = False,
     stall_after: float = 60.0,
+    stall_bound: float | None = None,
 ) -> str:
     """One status line for one rank.
 
     ``now`` and ``last_change`` (same clock, e.g. time.time() and the time the
     caller last saw this log grow) enable the 'stalled Ns' flag once no new
-    output has arrived for ``stall_after`` seconds; pass None to disable it.
+    output has arrived for ``stall_after`` seconds (or half ``stall_bound``, the
+    silence that ends the run, if that is sooner); pass None to disable it.
     ``color`` adds ANSI colours; the caller decides (e.g. from isatty).
     """
     rank_txt = f"rank {log.rank if log.rank is not None else '?'}"
     if log.world_size is not None:
         rank_txt = f"rank {log.rank:>{len(str(log.world_size - 1))}}"
     status = log.status
-    stalled_for = None
+    stalled_txt = None
+    if stall_bound:
+        stall_after = min(stall_after, stall_bound / 2)
     if now is not None and last_change is not None and now - last_change >= stall_after:
-        stalled_for = now - last_change
+        stalled_txt = f"stalled {now - last_change:.0f}s"
+        if stall_bound:
+            stalled_txt += f" (the run ends at {stall_bound:.0f}s)"
 
     if status == STATUS_FINISHED:
         total = sum(log.epoch_times.values())
@@ -413,8 +419,8 @@ def progress_line(
     elif status == STATUS_WAITING:
         text = f"{rank_txt}  waiting to start ({log.phase})"
         kind = STATUS_WAITING
-        if stalled_for is not None:
-            text += f"  stalled {stalled_for:.0f}s"
+        if stalled_txt is not None:
+            text += f"  {stalled_txt}"
             kind = "stalled"
     else:
         parts = [rank_txt, _position(log)]
@@ -423,8 +429,8 @@ def progress_line(
         if total:
             parts.append(_bar(done / total, width))
         kind = STATUS_RUNNING
-        if stalled_for is not None:
-            parts.append(f"stalled {stalled_for:.0f}s")
+        if stalled_txt is not None:
+            parts.append(stalled_txt)
             kind = "stalled"
         else:
             spi = seconds_per_iteration(log)

@@ -20,7 +20,7 @@ from common import UserError
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--every", type=float, default=float(os.environ.get("PROGRESS_EVERY", "10")),
+    parser.add_argument("--every", type=float, default=float(os.environ.get("PROGRESS_EVERY", common.PROGRESS_EVERY_S)),
                         help="seconds between two progress reports (default %(default)s)")
     args = parser.parse_args(argv)
     settings = common.load_settings()
@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
                 run["state"] = "done" if result.ok else "failed"
                 run["finished"] = time.time()
                 if not result.ok:
-                    raise UserError(f"run {run['id']} failed: {common.playbook_failure(result, state)}. "
-                                    f"Its outputs so far: `make results`.")
+                    run["reason"] = common.playbook_failure(result, state)
+                    raise UserError(f"run {run['id']} failed: {run['reason']}. Its outputs so far: `make results`.")
         except KeyboardInterrupt:
             progress.finish(report=False)
             common.warn(f"stopped watching run {run['id']}; the training goes on: `make run` re-attaches, "
@@ -82,7 +82,8 @@ class Progress(threading.Thread):
     def __init__(self, settings: common.Settings, state: dict, run_id: str, handles: common.Clap,
                  every: float) -> None:
         super().__init__(daemon=True)
-        self.settings, self.state, self.run_id, self.handles, self.every = settings, state, run_id, handles, every
+        self.settings, self.state, self.every = settings, state, every
+        self.logs = common.RunLogs(settings, state, run_id, handles)
         self.stopped = threading.Event()
         self.sizes: dict[int, tuple[int, float]] = {}  # rank -> (log size, when it last grew)
 
@@ -97,7 +98,7 @@ class Progress(threading.Thread):
 
     def report(self) -> None:
         try:
-            logs = common.read_run_logs(self.settings, self.state, self.run_id, self.handles)
+            logs = self.logs.read()
         except (OSError, UserError) as error:  # a missed report is no reason to stop the run
             common.warn(f"no progress this time: {error}")
             return
@@ -110,7 +111,8 @@ class Progress(threading.Thread):
                 self.sizes[rank] = (len(text), now)
             log = dcgan_logs.parse_log(text)
             log.rank = rank if log.rank is None else log.rank
-            lines.append(dcgan_logs.progress_line(log, now, self.sizes[rank][1], color=sys.stdout.isatty()))
+            lines.append(dcgan_logs.progress_line(log, now, self.sizes[rank][1], color=sys.stdout.isatty(),
+                                                  stall_bound=self.settings.stall_timeout or None))
         print(f"[{_clock(now)}] " + "\n           ".join(lines), flush=True)
 
 

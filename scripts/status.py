@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     for run in state.get("runs", []):
         fetched = f"fetched to {run['fetched']}" if run.get("fetched") else "not fetched"
         print(f"  {run['id']}  {run['state']:8} {run['epochs']} epochs  {fetched}")
+        if run.get("reason"):
+            print(f"      why: {run['reason']}")
     if state.get("runs") and state["runs"][-1]["state"] == "running" and all(alive.values()):
         logs = common.read_run_logs(settings, state, state["runs"][-1]["id"], handles)
         for rank, text in sorted(logs.items()):

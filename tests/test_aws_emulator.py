@@ -27,6 +27,7 @@ sys.path.insert(0, str(SCRIPTS))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import aws  # noqa: E402
+from conftest import without_clap  # noqa: E402
 from ec2_emulator import (  # noqa: E402
     Ec2Emulator,
     ScopeRewriteMiddleware,
@@ -131,7 +132,7 @@ def clap_path(emulator: Ec2Emulator, tmp_path_factory: pytest.TempPathFactory) -
 def clap_ok() -> None:
     reason = _clap_reason()
     if reason:
-        pytest.skip(reason)
+        without_clap(reason)
 
 
 # ------------------------------------------------------------------ emulator

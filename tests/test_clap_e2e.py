@@ -1,7 +1,7 @@
 """`make` targets end to end through real CLAP on the local provider (root + CLAP).
 
-Skipped with the reason printed where CLAP is absent (CI cannot fetch it):
-run them with CLAP=<checkout at the pinned commit>.
+`make test` finds CLAP (yours, the submodule, or the pinned archive in ../shared/clap);
+without any, these skip with the reason, and fail under CI.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, clap_checkout, leftovers, need_root
+from conftest import ROOT, clap_checkout, leftovers, need_root, subnet, subnet_tag
 from local_hosts import LocalHosts
 
 
@@ -27,7 +27,7 @@ def env(project: dict) -> dict:
     yield project
     # Whatever a test left, pass or fail: stop it the way a user would, then check.
     make(project, "down")
-    assert leftovers("213-251") == []
+    assert leftovers(subnet_tag(251)) == []
 
 
 def make(env: dict, *targets: str) -> subprocess.CompletedProcess:
@@ -49,7 +49,7 @@ def test_make_all_trains_fetches_and_leaves_nothing(env: dict) -> None:
     assert len(runs) == 1
     assert_trained(runs[0], epochs=2)
     assert not Path(env["NODES_FILE"]).exists()
-    assert leftovers("213-251") == []
+    assert leftovers(subnet_tag(251)) == []
     assert json.loads((Path(env["CLAP_PATH"]) / "storage" / "local" / "hosts.json").read_text()) == []
 
 
@@ -82,15 +82,15 @@ def test_ctrl_c_during_up_leaves_nothing_behind(env: dict) -> None:
     up = subprocess.Popen(["make", "-s", "-C", str(ROOT), "up"], env={**env, "NODES": "6"},
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 60
-    while not leftovers("213-251") and time.monotonic() < deadline:
+    while not leftovers(subnet_tag(251)) and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert leftovers("213-251"), "no host appeared"
+    assert leftovers(subnet_tag(251)), "no host appeared"
     os.killpg(up.pid, signal.SIGINT)
     _, err = up.communicate(timeout=60)
     assert up.returncode != 0
     assert "interrupted" in err
     make(env, "down")
-    assert leftovers("213-251") == []
+    assert leftovers(subnet_tag(251)) == []
     assert "no cluster" in make(env, "status").stdout
 
 
@@ -111,7 +111,7 @@ def test_lost_nodes_file_still_finds_the_nodes(env: dict, damage: str) -> None:
     down = make(env, "down")
     assert down.returncode == 0, down.stderr
     assert "2 nodes stopped" in down.stdout
-    assert leftovers("213-251") == []
+    assert leftovers(subnet_tag(251)) == []
 
 
 def test_notebook_runs_the_course_flow_end_to_end(env: dict, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -126,7 +126,7 @@ def test_notebook_runs_the_course_flow_end_to_end(env: dict, monkeypatch: pytest
     runs = list(Path(env["RESULTS_DIR"]).iterdir())
     assert len(runs) == 1
     assert_trained(runs[0], epochs=2)
-    assert leftovers("213-251") == []
+    assert leftovers(subnet_tag(251)) == []
 
 
 def test_ctrl_c_on_run_keeps_training_and_run_reattaches(env: dict) -> None:
@@ -158,7 +158,7 @@ def test_ctrl_c_on_run_keeps_training_and_run_reattaches(env: dict) -> None:
 def test_dry_run_of_all_and_down_touches_nothing(env: dict) -> None:
     dry_all = make(env, "all", "DRY_RUN=1")
     assert dry_all.returncode == 0 and "DRY RUN: would start 2 type-local nodes" in dry_all.stdout
-    assert leftovers("213-251") == [] and not Path(env["NODES_FILE"]).exists()
+    assert leftovers(subnet_tag(251)) == [] and not Path(env["NODES_FILE"]).exists()
 
     assert make(env, "up").returncode == 0
     before = Path(env["NODES_FILE"]).read_bytes()
@@ -170,7 +170,7 @@ def test_dry_run_of_all_and_down_touches_nothing(env: dict) -> None:
 
 def test_your_own_ssh_hosts_are_used_and_never_removed(env: dict, ssh_key: Path, tmp_path: Path) -> None:
     """SSH_HOSTS: machines you already have (here: namespace hosts made outside the tool)."""
-    mine = LocalHosts(tmp_path / "mine", "10.213.253.0/24")
+    mine = LocalHosts(tmp_path / "mine", subnet(253))
     try:
         hosts = mine.create(2, ssh_key.with_suffix(".pub").read_text())
         private = Path(env["CLAP_PATH"]) / "private"
@@ -185,7 +185,7 @@ def test_your_own_ssh_hosts_are_used_and_never_removed(env: dict, ssh_key: Path,
         assert all(mine.is_up(h) for h in mine.hosts())  # yours: used, never removed
     finally:
         mine.destroy()
-    assert leftovers("213-253") == []
+    assert leftovers(subnet_tag(253)) == []
 
 
 def test_make_all_keeps_the_nodes_when_a_step_fails_and_says_how_to_go_on(env: dict) -> None:
@@ -199,3 +199,64 @@ def test_make_all_keeps_the_nodes_when_a_step_fails_and_says_how_to_go_on(env: d
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     (run,) = Path(env["RESULTS_DIR"]).iterdir()
     assert_trained(run, epochs=2)
+
+
+def test_the_cluster_size_comes_from_nodes_json_not_nodes(env: dict) -> None:
+    """`make up NODES=6`, then setup and run with NODES unset: 6 ranks, one SSH session each at once
+    (the run holds one per node: Ansible's forks must cover them all, 5 would hang the sixth)."""
+    assert make(env, "up", "NODES=6").returncode == 0
+    done = make(env, "setup", "run", "SYNTHETIC_IMAGES=384")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_dir = next((Path(env["EFS_MOUNT_POINT"]) / "dcgan" / "runs").iterdir())
+    for rank in range(6):
+        assert "World Size: 6" in (run_dir / f"output-{rank}.txt").read_text()
+
+
+def app_processes(namespace: str) -> list[int]:
+    """PIDs (as this machine sees them) of the app's process on a namespace host."""
+    inode = os.stat(f"/run/netns/{namespace}").st_ino
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if os.stat(proc / "ns" / "net").st_ino == inode and b"dist_dcgan.py" in (proc / "cmdline").read_bytes() \
+                    and b"torch.distributed.run" not in (proc / "cmdline").read_bytes():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.parametrize("hung", [1, 0])
+def test_a_hung_rank_ends_the_run_within_the_stall_bound(env: dict, hung: int) -> None:
+    """One rank stops progressing while its process stays alive (SIGSTOP): `make run` fails within
+    STALL_TIMEOUT + 60 s naming that rank and its node; results fetch the partial outputs."""
+    stall = 20
+    assert make(env, "up", "setup").returncode == 0
+    state = json.loads(Path(env["NODES_FILE"]).read_text())
+    host = LocalHosts(Path(env["CLAP_PATH"]) / "storage" / "local", subnet(251)).hosts()
+    namespace = next(h.namespace for h in host if h.address == state["nodes"][hung]["address"])
+    run = subprocess.Popen(["make", "-s", "-C", str(ROOT), "run"], env={**env, "EPOCHS": "500",
+                           "STALL_TIMEOUT": str(stall)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    logs = Path(env["EFS_MOUNT_POINT"]) / "dcgan" / "runs"
+    while time.monotonic() < deadline and "[iteration: 3/" not in "".join(
+            p.read_text() for p in logs.glob(f"*/output-{hung}.txt")):
+        time.sleep(0.2)
+    app = app_processes(namespace)
+    assert len(app) == 1, app
+    os.kill(app[0], signal.SIGSTOP)  # alive, but it makes no progress: a hang
+    hung_at = time.monotonic()
+    out, err = run.communicate(timeout=stall + 90)
+    took = time.monotonic() - hung_at
+    assert run.returncode != 0
+    assert took < stall + 60, f"the hung run ended {took:.0f} s after the hang"
+    node = state["nodes"][hung]["id"][:8]
+    assert f"node {node} (rank {hung}): rank {hung}: no progress for {stall} s since '" in err, err
+    assert not app_processes(namespace), "the hung app was left behind"
+
+    status = make(env, "status")
+    assert "failed" in status.stdout and f"rank {hung}: no progress for {stall} s" in status.stdout
+    fetched = make(env, "results")
+    assert fetched.returncode == 0, fetched.stderr
+    partial = next(Path(env["RESULTS_DIR"]).iterdir()) / f"output-{hung}.txt"
+    assert "[iteration: 3/" in partial.read_text()

@@ -16,7 +16,7 @@ from conftest import PLAYBOOKS
 CLOUD_VARS = {
     "runner": "docker", "user_dir": "/home/ubuntu/efs/ana", "efs_mount_point": "/home/ubuntu/efs",
     "cifar_data_dir": "/home/ubuntu/efs/data/cifar10", "run_id": "run-1", "epochs": 2,
-    "dcgan_master_addr": "172.31.5.10", "dcgan_ifname": "eth0", "dcgan_threads": 2,
+    "dcgan_master_addr": "172.31.5.10",
     "dcgan_image_hash": "0123456789ab",
 }
 
@@ -57,7 +57,7 @@ def test_run_command_per_rank(tmp_path: Path) -> None:
     for host, rank in (("node-a", 0), ("node-b", 1)):
         assert commands[host]["rank"] == (
             f"docker run --rm --name dcgan-run-1-{rank} --network=host"
-            " -e GLOO_SOCKET_IFNAME=eth0 -e OMP_NUM_THREADS=2 -e PYTHONUNBUFFERED=1"
+            " -e GLOO_SOCKET_IFNAME -e OMP_NUM_THREADS -e PYTHONUNBUFFERED"  # set by the rank's watchdog
             " -v /home/ubuntu/efs/ana:/home/ubuntu/efs/ana"
             " -v /home/ubuntu/efs/data/cifar10:/home/ubuntu/efs/data/cifar10"
             " -w /home/ubuntu/efs/ana/Distributed-DCGAN dcgan:latest python -m torch.distributed.run"
@@ -70,8 +70,7 @@ def test_run_command_per_rank(tmp_path: Path) -> None:
 def test_native_command_and_app_args(tmp_path: Path) -> None:
     rank = render(tmp_path, runner="native", dcgan_python="/opt/venv/bin/python",
                   app_args="--max_workers 0 --batch_size 16", epochs=5)["node-b"]["rank"]
-    assert rank.startswith("env GLOO_SOCKET_IFNAME=eth0 OMP_NUM_THREADS=2 PYTHONUNBUFFERED=1 "
-                           "/opt/venv/bin/python -m torch.distributed.run --nnodes 2 --node_rank 1 ")
+    assert rank.startswith("/opt/venv/bin/python -m torch.distributed.run --nnodes 2 --node_rank 1 ")
     assert rank.endswith("--num_epochs 5 --out_folder /home/ubuntu/efs/ana/runs/run-1 --max_workers 0 --batch_size 16")
 
 

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import failure_messages, leftovers, need_root, play, role_cluster
+from conftest import failure_messages, leftovers, need_root, play, role_cluster, subnet, subnet_tag
 from local_hosts import LocalHosts
 
 PEER_TIMEOUT = 8
 SSH_KEEPALIVE = 15  # ServerAliveInterval 5 x ServerAliveCountMax 3: when Ansible gives up on a silent node
-SUBNET = "10.213.252.0/24"
+SUBNET = subnet(252)
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def cluster(tmp_path: Path, ssh_key: Path) -> Iterator[dict]:
         yield cluster
     finally:
         hosts.destroy()
-        assert leftovers("213-252") == []
+        assert leftovers(subnet_tag(252)) == []
 
 
 def start_long_run(cluster: dict, run_id: str, **extra: object) -> tuple[threading.Thread, object]:

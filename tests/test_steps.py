@@ -47,6 +47,9 @@ BAD_SETTINGS = [
     ({"RESULTS_DIR": "/proc/results"}, "RESULTS_DIR=/proc/results is not writable"),
     ({"DCGAN_DIR": "/"}, "DCGAN_DIR=/ has no dist_dcgan.py"),
     ({"CIFAR_DATA_DIR": "/"}, "CIFAR_DATA_DIR=/ has no cifar-10-batches-py/test_batch"),
+    ({"STALL_TIMEOUT": "abc"}, "STALL_TIMEOUT='abc' is not a whole number: set it like STALL_TIMEOUT=300."),
+    ({"STALL_TIMEOUT": "-1"}, "STALL_TIMEOUT=-1 must be at least 0: set it like STALL_TIMEOUT=300."),
+    ({"STALL_TIMEOUT": "5"}, "STALL_TIMEOUT=5 is shorter than the progress report interval (10 s)"),
 ]
 
 

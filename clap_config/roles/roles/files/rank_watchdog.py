@@ -5,16 +5,24 @@ The `run` action starts one rank per node through this script. It survives the
 SSH connection that started it, so a dropped laptop does not stop training,
 and it ends its rank by itself when:
   - the wall-clock bound (--timeout) passes,
-  - a peer rank exits with an error, or
+  - a peer rank exits with an error,
   - a peer stops beating its heartbeat for --peer-timeout seconds
-    (its node died or lost its network): gloo alone would block ~30 min.
+    (its node died or lost its network): gloo alone would block ~30 min, or
+  - its rank's log has not grown for --stall-timeout seconds (a hung rank:
+    a deadlock, a stopped process, a dead NFS mount), naming its last line.
 
 Ranks talk through files in the run folder, which is on the shared filesystem:
   .rank-R.json  who runs rank R (node, PIDs, command)
   .rank-R.beat  a counter the watchdog bumps every --beat seconds
   .rank-R.exit  the outcome: {"code": N, "reason": "..."}
 
-Stdlib only, Python 3.8+: it runs with the node's system Python.
+It finds the interface that reaches the master and gives the rank, through its
+environment, GLOO_SOCKET_IFNAME, OMP_NUM_THREADS and PYTHONUNBUFFERED.
+`wait` blocks until the rank's outcome is written: the `run` playbook holds one
+SSH session per node on it, so nothing is polled over the network while training.
+
+Stdlib only, Python 3.8+: it runs with the node's system Python, fed on stdin
+(`python3 - start ...`), so nothing has to be copied to the node first.
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ import argparse
 import contextlib
 import json
 import os
+import re
+import select
 import signal
 import socket
 import subprocess
@@ -32,7 +42,13 @@ from pathlib import Path
 
 EXIT_TIMEOUT = 124  # like coreutils' timeout
 EXIT_PEER_LOST = 125
+EXIT_STALLED = 126
 EXIT_STOPPED = 143
+PROBE_EVERY_S = 5.0  # how often a rank checks that the master's address answers
+# A stalled rank whose processes all sleep may only be waiting for a hung peer: it gives
+# that peer's watchdog this many beats to end it first, so the outcome names the right rank.
+STALL_GRACE_BEATS = 3
+WAIT_RECHECK_S = 30.0  # a waiting `wait` looks again at least this often, whatever wakes it
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -66,9 +82,16 @@ class Rank:
 
 
 def start(args: argparse.Namespace) -> int:
+    """Start the rank (or find it started: a re-attach) and, with --wait, wait for its outcome."""
+    started = _start(args)
+    return wait(args) if started == 0 and args.wait else started
+
+
+def _start(args: argparse.Namespace) -> int:
     me = Rank(args.run_dir, args.rank)
+    args.run_dir.mkdir(parents=True, exist_ok=True)
     if me.info.exists():
-        print(f"rank {args.rank} of this run was already started: {me.info}")
+        print(f"rank {args.rank} of this run was already started: re-attached")
         return 0
     if args.node_state and stop(argparse.Namespace(node_state=args.node_state, keep_run_dir=args.run_dir)) != 0:
         return 1  # a leftover rank would hold the port, and the new run would fail on it
@@ -92,10 +115,34 @@ def start(args: argparse.Namespace) -> int:
     os._exit(_watch(args, me))
 
 
+def rank_environment(master: str, threads: int) -> dict:
+    """What the rank needs from its node: the interface to the master, and its threads."""
+    env = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads if threads > 0 else os.cpu_count() or 1)}
+    interface = interface_to(master) if master else None
+    if interface:
+        env["GLOO_SOCKET_IFNAME"] = interface
+    return env
+
+
+def interface_to(address: str) -> str | None:
+    """The interface this node reaches address through; on the master itself, the one holding it."""
+    route = subprocess.run(["ip", "-4", "-o", "route", "get", address], capture_output=True, text=True)
+    found = re.search(r" dev (\S+)", route.stdout)
+    if found and found.group(1) != "lo":
+        return found.group(1)
+    addresses = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True).stdout
+    for line in addresses.splitlines():  # "2: eth0    inet 10.0.0.2/24 ..."
+        fields = line.split()
+        if len(fields) > 3 and fields[3].split("/")[0] == address:
+            return fields[1]
+    return None
+
+
 def _watch(args: argparse.Namespace, me: Rank) -> int:
+    env = {**os.environ, **rank_environment(args.master, args.threads)}
     with open(args.log, "ab") as log:
         child = subprocess.Popen(args.command, stdin=subprocess.DEVNULL, stdout=log,
-                                 stderr=subprocess.STDOUT, start_new_session=True)
+                                 stderr=subprocess.STDOUT, start_new_session=True, env=env)
     _write_json(me.info, {"node": args.node, "watchdog_pid": os.getpid(), "pid": child.pid,
                           "started": time.time(), "command": args.command})
     if args.node_state:
@@ -106,7 +153,7 @@ def _watch(args: argparse.Namespace, me: Rank) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stopping.append("stopped on request"))
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
-    watch = Watch(args, me)
+    watch = Watch(args, me, child.pid)
     outcome = None
     while outcome is None:
         status = child.poll()
@@ -128,15 +175,18 @@ def _watch(args: argparse.Namespace, me: Rank) -> int:
 
 
 class Watch:
-    """The reasons to end a healthy-looking rank: its bound, a failed or silent peer, a lost network."""
+    """The reasons to end a healthy-looking rank: its bound, a failed or silent peer, a lost network,
+    no progress."""
 
-    def __init__(self, args: argparse.Namespace, me: Rank) -> None:
-        self.args, self.me = args, me
+    def __init__(self, args: argparse.Namespace, me: Rank, rank_pid: int) -> None:
+        self.args, self.me, self.rank_pid = args, me, rank_pid
         self.started = time.monotonic()
         self.beats = 0
         self.peers = [Rank(args.run_dir, r) for r in range(args.world) if r != args.rank]
         self.last_seen = {p.rank: (None, self.started) for p in self.peers}  # beat value, when it changed
-        self.reached = self.started  # when the master's address last answered
+        self.reached = self.probed = self.started  # when the master's address last answered / was asked
+        self.log_size, self.progressed = -1, self.started  # the rank's log, and when it last grew
+        self.stalled_beats = 0
 
     def check(self) -> tuple[int, str] | None:
         self.beats += 1
@@ -148,12 +198,29 @@ class Watch:
             lost = self._peer_lost(peer, now)
             if lost:
                 return EXIT_PEER_LOST, lost
-        if self.args.probe:
+        if self.args.probe and now - self.probed >= PROBE_EVERY_S:
+            self.probed = now
             if _answers(self.args.probe):
                 self.reached = now
             elif now - self.reached > self.args.peer_timeout:
                 return EXIT_PEER_LOST, f"the master {self.args.probe} is unreachable for {self.args.peer_timeout:.0f} s"
-        return None
+        return self._stalled(now)
+
+    def _stalled(self, now: float) -> tuple[int, str] | None:
+        """No progress (the rank's log has not grown) for --stall-timeout seconds."""
+        if not self.args.stall_timeout:
+            return None
+        with contextlib.suppress(OSError):
+            size = self.args.log.stat().st_size
+            if size != self.log_size:
+                self.log_size, self.progressed, self.stalled_beats = size, now, 0
+        if now - self.progressed <= self.args.stall_timeout:
+            return None
+        self.stalled_beats += 1
+        if not _held(self.rank_pid) and self.stalled_beats <= STALL_GRACE_BEATS:
+            return None  # asleep, maybe waiting on a hung peer: let its own watchdog name it first
+        return EXIT_STALLED, (f"no progress for {self.args.stall_timeout:.0f} s since "
+                              f"{_last_line(self.args.log) or 'its start (no output at all)'}")
 
     def _peer_lost(self, peer: Rank, now: float) -> str | None:
         outcome = _read_json(peer.exit)
@@ -171,6 +238,38 @@ class Watch:
         return None
 
 
+def _rank_processes(root: int) -> dict[int, str]:
+    """The rank's processes and their states: root and its descendants (torchrun starts the app
+    in a session of its own, so the process group alone misses it)."""
+    processes = {}  # pid -> (state, parent)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            processes[int(stat.parent.name)] = (fields[0], int(fields[1]))
+    rank, grown = {root}, True
+    while grown:
+        children = {pid for pid, (_, parent) in processes.items() if parent in rank} - rank
+        rank |= children
+        grown = bool(children)
+    return {pid: processes[pid][0] for pid in rank if pid in processes}
+
+
+def _held(root: int) -> bool:
+    """Is a process of the rank stopped (T) or stuck in uninterruptible I/O (D), as on a dead NFS mount?"""
+    return any(state in ("T", "D") for state in _rank_processes(root).values())
+
+
+def _last_line(log: Path) -> str:
+    """The log's last non-empty line, quoted and cut short."""
+    try:
+        with open(log, "rb") as text:
+            text.seek(max(0, log.stat().st_size - 4096))
+            lines = [line.strip() for line in text.read().decode(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return repr(lines[-1][:160]) if lines else ""
+
+
 def _answers(address: str) -> bool:
     """Does the host answer at all? A refused connection is an answer: the host is there."""
     host, _, port = address.rpartition(":")
@@ -186,16 +285,19 @@ def _answers(address: str) -> bool:
 def _stop_child(child: subprocess.Popen, stop_command: str | None) -> None:
     if stop_command:  # a container outlives its `docker run` client
         subprocess.run(stop_command, shell=True, check=False, timeout=60)
+    doomed = set(_rank_processes(child.pid))  # before any dies: orphans are reparented out of reach
     for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(child.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            child.wait(timeout=grace)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+        doomed |= set(_rank_processes(child.pid))
+        for pid in doomed:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+                os.kill(pid, signal.SIGCONT)  # a stopped process must run to take its SIGTERM
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            child.poll()  # reaps it: a zombie counts as gone
+            if not any(_alive(pid) for pid in doomed):
+                return
+            time.sleep(0.1)
 
 
 def wait(args: argparse.Namespace) -> int:
@@ -208,11 +310,25 @@ def wait(args: argparse.Namespace) -> int:
         if not _alive(info["watchdog_pid"]) and not me.exit.exists():
             print(f"the watchdog of rank {args.rank} died (its node was restarted?)", file=sys.stderr)
             return 1
-        time.sleep(args.poll)
+        _sleep_until_exit(info["watchdog_pid"], WAIT_RECHECK_S)
     outcome = _read_json(me.exit) or {"code": 1, "reason": "unreadable outcome"}
     stream = sys.stdout if outcome["code"] == 0 else sys.stderr
     print(f"rank {args.rank}: {outcome['reason']} after {outcome.get('seconds')} s", file=stream)
     return 0 if outcome["code"] == 0 else 1
+
+
+def _sleep_until_exit(pid: int, timeout: float) -> None:
+    """Sleep until pid exits (the watchdog exits right after writing the outcome), at most timeout.
+    Without pidfd (Python < 3.9 or Linux < 5.3) it sleeps a short while instead."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        time.sleep(0.5)
+        return
+    try:
+        select.select([pidfd], [], [], timeout)
+    finally:
+        os.close(pidfd)
 
 
 def stop(args: argparse.Namespace) -> int:
@@ -248,14 +364,18 @@ def main(argv: list[str] | None = None) -> int:
                          help="where this node records its current rank; an earlier one still going is stopped")
     p_start.add_argument("--timeout", type=float, default=3600, help="wall-clock bound, seconds")
     p_start.add_argument("--peer-timeout", type=float, default=60, help="silence that means a peer is lost")
+    p_start.add_argument("--stall-timeout", type=float, default=0,
+                         help="seconds without the log growing that mean the rank is hung; 0: never")
     p_start.add_argument("--beat", type=float, default=1.0, help="heartbeat period, seconds")
+    p_start.add_argument("--master", default="", help="the master's address (its interface is given to gloo)")
+    p_start.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of the rank; 0: the node's cores")
     p_start.add_argument("--probe", help="HOST:PORT of the master; a rank that cannot reach it is ended")
     p_start.add_argument("--stop-command", help="shell command that also stops the rank (containers)")
+    p_start.add_argument("--wait", action="store_true", help="then wait for the outcome, as `wait` does")
     p_start.add_argument("command", nargs=argparse.REMAINDER, help="-- the rank's command")
     p_wait = sub.add_parser("wait", help="wait for a rank's outcome; exit 0 when it finished well")
     p_wait.add_argument("--run-dir", type=Path, required=True)
     p_wait.add_argument("--rank", type=int, required=True)
-    p_wait.add_argument("--poll", type=float, default=1.0)
     p_stop = sub.add_parser("stop", help="stop the rank this node ran last")
     p_stop.add_argument("--node-state", type=Path, required=True)
     p_stop.add_argument("--keep-run-dir", type=Path, help="a run folder whose rank is kept (re-attach)")

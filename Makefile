@@ -54,6 +54,10 @@ logs: $(STAMP) ## last lines of every rank's output in the current run (RANK=n f
 report: $(STAMP) ## summary.md and report.png of a fetched run (RUN=results/<run_id>, default the newest)
 	$(PY) scripts/report.py $(RUN)
 
+.PHONY: sweep
+sweep: $(STAMP) ## one run per size of SIZES (and type of INSTANCE_TYPES) into RESULTS_DIR/sweep-<id>/, then down
+	$(PY) scripts/sweep.py
+
 ##@ Development
 .PHONY: deps
 deps: $(STAMP) ## make the venv with the pinned requirements (only when they change)

@@ -15,9 +15,10 @@ USER_DIR=                   # local: .cluster/efs/dcgan; aws: EFS_MOUNT_POINT/dc
 DCGAN_DIR=                  # local: demo (our small app); aws: USER_DIR/Distributed-DCGAN
 CIFAR_DATA_DIR=             # local: synthetic set in .cluster/efs/data/cifar10; aws: EFS_MOUNT_POINT/data/cifar10
 DCGAN_PYTHON=               # native runner's Python with torch; local: this project's venv
-APP_ARGS=                   # extra arguments for dist_dcgan.py, e.g. --max_workers 0
+APP_ARGS=                   # extra arguments for dist_dcgan.py, split as a shell would, e.g. --max_workers 0
 SYNTHETIC_IMAGES=2048       # size of the synthetic CIFAR-10 test set made for the local default
-CONNECTION_TRIES=3          # SSH liveness attempts at `up`; 0 = no SSH attempt
+CONNECTION_TRIES=3          # SSH liveness attempts at `up`, 5 s apart (aws: until BOOT_TIMEOUT); 0 = no SSH attempt
+BOOT_TIMEOUT=300            # aws: seconds `up` keeps trying SSH on new nodes; one still silent is terminated
 RUN_TIMEOUT=3600            # wall-clock bound of a run, seconds
 STALL_TIMEOUT=300           # a rank whose output has not grown this long (seconds) ends the run as hung; 0 = never
 MASTER_PORT=29500           # rendezvous port on rank 0
@@ -27,4 +28,9 @@ SSH_HOSTS=                  # local: your own machines instead of namespace host
 SSH_USER=root               # local with SSH_HOSTS: the login user (key: clap_config/private/ssh_key)
 LOCAL_SUBNET=10.213.0.0/24  # local: the namespace hosts' private subnet
 CLAP_PATH=clap_config       # CLAP's configuration, roles and records
+SIZES=1,2,4                 # make sweep: cluster sizes to train on, comma-separated whole numbers
+INSTANCE_TYPES=             # make sweep: instance types to compare, comma-separated; empty: INSTANCE_TYPE
+MAX_SWEEP_COST=5            # aws: make sweep refuses a plan whose cost ceiling (USD) is above this
 DRY_RUN=                    # 1: each step prints what it would do (nodes, cost, playbook, commands), touches nothing
+RUN_ID=                     # the run `make results` fetches; empty: every run not fetched yet
+VERBOSE=                    # 1: stream each step's whole Ansible output (always kept in CLAP_PATH/storage/logs)

@@ -7,6 +7,7 @@ alone) and the exit status is non-zero.
 from __future__ import annotations
 
 import argparse
+import time
 
 import common
 import down
@@ -21,23 +22,58 @@ STEPS = (("up", up), ("setup", setup), ("run", run), ("results", results))
 
 def main(argv: list[str] | None = None) -> int:
     argparse.ArgumentParser(description=__doc__).parse_args(argv)
-    if common.load_settings().dry_run:
-        status = up.main([])
-        print("DRY RUN: then setup, run, results and down on those nodes (`DRY_RUN=1 make <step>` shows "
-              "each once the nodes exist).")
-        return status
-    for name, step in STEPS:
+    settings = common.load_settings()
+    if settings.dry_run:
+        return show_whole_plan(settings)
+    for index, (name, step) in enumerate(STEPS):
         try:
             status = step.main([])
         except UserError as error:
             common.fail(str(error))
             status = 1
         if status != 0:
-            common.fail(f"`make all` stopped at `{name}`. The nodes are KEPT and still running.\n"
-                        f"  resume:   make {' '.join(n for n, _ in STEPS[STEPS.index((name, step)):])} down\n"
-                        f"  or stop:  make down")
+            if live_nodes(settings):  # otherwise the step's own message, with its fix, is all there is to say
+                common.fail(f"`make all` stopped at `{name}`. The nodes are KEPT and still running.\n"
+                            f"  resume:   make {' '.join(n for n, _ in STEPS[index:])} down\n"
+                            f"  or stop:  make down")
             return status
     return down.main([])
+
+
+def live_nodes(settings: common.Settings) -> bool:
+    """Does nodes.json list nodes that are still running? Without CLAP to ask, a listed node counts."""
+    try:
+        state = common.read_state(settings)
+    except UserError:
+        return True  # a damaged nodes.json may still stand for nodes: `make down` finds them
+    if not state or not state.get("nodes"):
+        return False
+    try:
+        alive = common.nodes_alive(common.clap(settings, state), common.node_ids(state))
+    except UserError:
+        return True
+    return any(alive.values())
+
+
+def show_whole_plan(settings: common.Settings) -> int:
+    """Every step's plan; on no cluster, placeholders stand for what only the started nodes know."""
+    state = common.read_state(settings)
+    common.check_provider(settings, state)
+    common.preflight(settings)
+    if state and state.get("nodes"):
+        print(f"DRY RUN: the {len(state['nodes'])} nodes of {settings.nodes_file.name} are up already.")
+    else:
+        up.show_plan(settings, settings.nodes)
+        state = {"cluster_id": "<cluster id>", "provider": settings.provider, "created": time.time(), "runs": [],
+                 "nodes": [{"id": f"<node {rank}>", "rank": rank, "address": f"<address of node {rank}>",
+                            "private_address": f"<private address of node {rank}>"}
+                           for rank in range(settings.nodes)]}
+    run_id = "<run id>"  # `make run` picks it from the time it starts
+    common.show_plan(settings, state, "setup")
+    common.show_plan(settings, state, "run", run_id)
+    common.show_plan(settings, {**state, "nodes": state["nodes"][:1]}, "results", run_id)
+    print(down.plan(settings, common.node_ids(state)))
+    return 0
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,8 @@ _DENIED_CODES = {"UnauthorizedOperation", "AccessDenied", "AccessDeniedException
 _NOT_FOUND_CODES = {"InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed"}
 # Real AWS is eventually consistent: a just-launched id may be unknown for a moment.
 _TAG_RETRIES = 5
+# How far this machine's clock may be off AWS's when matching an untagged instance to its `up`.
+LAUNCH_CLOCK_SLACK_S = 60
 
 
 class AwsError(RuntimeError):
@@ -134,6 +137,21 @@ def check_credentials(client: BaseClient) -> None:
         raise AwsError(f"EC2 call to {where} failed: {type(e).__name__}") from None
 
 
+def refusal(error: ClientError) -> str:
+    """One sentence for an EC2 call AWS refused: which call, AWS's code and words, what to do."""
+    details = error.response.get("Error", {})
+    code = details.get("Code", "") or "error"
+    words = " ".join(str(details.get("Message", "")).split())  # one line, whatever AWS sent
+    operation = error.operation_name
+    if code in _DENIED_CODES:
+        fix = f"grant your IAM user ec2:{operation} (an admin of the account can)"
+    elif code in _AUTH_CODES:
+        fix = "check the access_keyfile and secret_access_keyfile files (in CLAP_PATH/private) named by providers.yaml"
+    else:
+        fix = "fix what AWS names, or see the EC2 console"
+    return f"EC2 {operation} was refused ({code}{': ' + words if words else ''}): {fix}"
+
+
 def tag_instances(client: BaseClient, instance_ids: Sequence[str], project: str, cluster_id: str) -> None:
     """Put our project and cluster tags on instances (e.g. the cloud ids CLAP just started)."""
     if not instance_ids:
@@ -160,27 +178,57 @@ def find_cluster_instances(
     project: str,
     cluster_id: str | None = None,
     states: Iterable[str] = LIVE_STATES,
-    key_name: str | None = None,
 ) -> list[dict[str, Any]]:
     """Instances carrying our project tag (and cluster tag if given), in `states`.
 
     Found by tag, not by CLAP's records, so this also finds orphans whose
-    record was deleted.  `key_name` adds instances launched with that key pair
-    that carry no project tag at all: the `ec2` module tags only after its wait
-    for `running`, so a start that timed out leaves untagged instances.
+    record was deleted.
     """
-    state_filter = {"Name": "instance-state-name", "Values": list(states)}
-    filters = [state_filter, {"Name": f"tag:{TAG_PROJECT}", "Values": [project]}]
+    filters = [{"Name": "instance-state-name", "Values": list(states)},
+               {"Name": f"tag:{TAG_PROJECT}", "Values": [project]}]
     if cluster_id is not None:
         filters.append({"Name": f"tag:{TAG_CLUSTER}", "Values": [cluster_id]})
-    found = _describe(client, filters)
-    if key_name:
-        seen = {i["InstanceId"] for i in found}
-        for inst in _describe(client, [state_filter, {"Name": "key-name", "Values": [key_name]}]):
-            keys = {t["Key"] for t in inst.get("Tags", [])}
-            if TAG_PROJECT not in keys and inst["InstanceId"] not in seen:
-                found.append(inst)
-    return found
+    return _describe(client, filters)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What one `up` asked EC2 for: its key pair, AMI and type, and when (epoch seconds)."""
+
+    key_name: str
+    image_id: str
+    instance_type: str
+    since: float
+
+
+def launched_by(instance: dict[str, Any], launch: Launch) -> bool:
+    """Whether an instance without our tags is one that `launch` started.
+
+    The `ec2` module tags only after its wait for `running`: a start cut short
+    (Ctrl-C, timeout) leaves instances with no tag of ours and no CLAP record.
+    They match the launch's key pair, AMI and type and were launched after it
+    began; LAUNCH_CLOCK_SLACK_S allows for this machine's clock differing from AWS's.
+    """
+    launched = instance["LaunchTime"]
+    launched = launched.timestamp() if hasattr(launched, "timestamp") else float(launched)
+    return (
+        TAG_PROJECT not in {tag["Key"] for tag in instance.get("Tags", [])}
+        and instance.get("KeyName") == launch.key_name
+        and instance.get("ImageId") == launch.image_id
+        and instance.get("InstanceType") == launch.instance_type
+        and launched >= launch.since - LAUNCH_CLOCK_SLACK_S
+    )
+
+
+def find_untagged_launches(client: BaseClient, launch: Launch) -> list[dict[str, Any]]:
+    """Live instances that `launch` started but never tagged (see launched_by)."""
+    filters = [
+        {"Name": "instance-state-name", "Values": list(LIVE_STATES)},
+        {"Name": "key-name", "Values": [launch.key_name]},
+        {"Name": "image-id", "Values": [launch.image_id]},
+        {"Name": "instance-type", "Values": [launch.instance_type]},
+    ]
+    return [instance for instance in _describe(client, filters) if launched_by(instance, launch)]
 
 
 def _states(client: BaseClient, ids: list[str]) -> dict[str, str]:

@@ -125,6 +125,7 @@ class Settings:
     app_args: str
     synthetic_images: int
     connection_tries: int
+    boot_timeout: int
     run_timeout: int
     stall_timeout: int
     master_port: int
@@ -136,6 +137,11 @@ class Settings:
     clap_path: Path
     clap: Path
     dry_run: bool
+    run_id: str
+    verbose: bool
+    sizes: list[int]
+    instance_types: list[str]
+    max_sweep_cost: float
     user_set: frozenset[str] = field(default_factory=frozenset)  # the names the user set
 
     @property
@@ -177,6 +183,34 @@ def _hours(value: str) -> float:
         raise UserError(f"MAX_HOURS={value!r} must be a number of hours above 0 and at most 168: "
                         f"set it like MAX_HOURS=3.")
     return hours
+
+
+def _app_args(value: str) -> str:
+    try:
+        shlex.split(value)
+    except ValueError as error:
+        raise UserError(f"APP_ARGS={value!r} does not split into arguments ({error}): close the quote.") from None
+    return value
+
+
+def _sizes(value: str) -> list[int]:
+    sizes = []
+    for part in value.split(","):
+        if not part.strip().isdigit() or int(part) < 1:
+            raise UserError(f"SIZES={value!r} must list whole numbers of nodes above 0, comma-separated: "
+                            f"set it like SIZES=1,2,4.")
+        sizes.append(int(part))
+    return sorted(set(sizes))
+
+
+def _dollars(value: str) -> float:
+    try:
+        dollars = float(value)
+    except ValueError:
+        dollars = -1
+    if not 0 <= dollars < float("inf"):
+        raise UserError(f"MAX_SWEEP_COST={value!r} must be a number of US dollars: set it like MAX_SWEEP_COST=5.")
+    return dollars
 
 
 def load_settings(environ: dict[str, str] | None = None) -> Settings:
@@ -221,9 +255,10 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         dcgan_dir=local_path("DCGAN_DIR"),
         cifar_data_dir=local_path("CIFAR_DATA_DIR"),
         dcgan_python=raw["DCGAN_PYTHON"],
-        app_args=raw["APP_ARGS"],
+        app_args=_app_args(raw["APP_ARGS"]),
         synthetic_images=_whole(raw, "SYNTHETIC_IMAGES", 32, "512"),
         connection_tries=_whole(raw, "CONNECTION_TRIES", 0, "3"),
+        boot_timeout=_whole(raw, "BOOT_TIMEOUT", 10, "300"),
         run_timeout=_whole(raw, "RUN_TIMEOUT", 30, "3600"),
         stall_timeout=_stall_timeout(raw),
         master_port=_whole(raw, "MASTER_PORT", 1024, "29500"),
@@ -235,6 +270,11 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         clap_path=clap_path,
         clap=Path(environ.get("CLAP") or ROOT / "CLAP").resolve(),
         dry_run=raw["DRY_RUN"].strip() not in ("", "0"),
+        run_id=raw["RUN_ID"].strip(),
+        verbose=raw["VERBOSE"].strip() not in ("", "0"),
+        sizes=_sizes(raw["SIZES"]),
+        instance_types=[t.strip() for t in raw["INSTANCE_TYPES"].split(",") if t.strip()] or [raw["INSTANCE_TYPE"]],
+        max_sweep_cost=_dollars(raw["MAX_SWEEP_COST"]),
         user_set=user_set,
     )
 
@@ -478,23 +518,64 @@ def role_vars(settings: Settings, state: dict, action: str, run_id: str = "") ->
               "runner": settings.runner, "dcgan_dir": settings.dcgan_dir,
               "cifar_data_dir": settings.cifar_data_dir, "dcgan_python": settings.dcgan_python}
     if action == "setup":
-        minutes_left = settings.max_hours * 60 - (time.time() - state["created"]) / 60
         return {**shared, "efs_host": settings.efs_host,
-                "shutdown_after_minutes": max(1, int(minutes_left)) if settings.provider == "aws" else 0}
+                "shutdown_after_minutes": lifetime_minutes(settings, state) if settings.provider == "aws" else 0}
     if action == "run":
         threads = max(1, (os.cpu_count() or 1) // len(state["nodes"])) if settings.provider == "local" else 0
         return {**shared, "master_hostname": state["nodes"][0]["id"], "run_id": run_id,
                 "epochs": settings.epochs, "master_port": settings.master_port,
                 "run_timeout": settings.run_timeout, "stall_timeout": settings.stall_timeout,
-                "app_args": settings.app_args,
+                "app_args": shlex.split(settings.app_args),  # as a shell would; the role quotes each
                 "omp_num_threads": threads}
     if action == "results":
         return {"user_dir": settings.user_dir, "results_dir": str(settings.results_dir), "run_id": run_id}
     raise ValueError(action)
 
 
+@contextmanager
+def ansible_log(settings: Settings, step: str) -> Iterator[Path]:
+    """Ansible's whole output of a step goes to a log kept with the cluster's state (the screen gets
+    one line per step; VERBOSE=1 streams it too): Ansible's own ANSIBLE_LOG_PATH, read by each run."""
+    path = settings.clap_path / "storage" / "logs" / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    before = os.environ.get("ANSIBLE_LOG_PATH")
+    os.environ["ANSIBLE_LOG_PATH"] = str(path)
+    try:
+        yield path
+    finally:
+        if before is None:
+            os.environ.pop("ANSIBLE_LOG_PATH", None)
+        else:
+            os.environ["ANSIBLE_LOG_PATH"] = before
+
+
+def play(settings: Settings, handles: Clap, state: dict, action: str, run_id: str = "") -> Any:
+    """One action of the dcgan role on the nodes of `state`; the result names its log (log_file)."""
+    with ansible_log(settings, action) as log:
+        result = handles.role_manager.perform_action(
+            ROLE, action, node_ids(state), node_vars=node_vars(state),
+            extra_args=role_vars(settings, state, action, run_id), quiet=not settings.verbose)
+    result.log_file = log
+    return result
+
+
+def logged_failure(log: Path) -> str:
+    """The first failure a step's log holds: CLAP's add_role keeps its playbook's result to itself."""
+    for line in log.read_text(errors="replace").splitlines():
+        where, found, reported = line.partition(": FAILED! => ")
+        if not found:
+            continue
+        try:
+            res = json.loads(reported)
+        except ValueError:
+            continue
+        words = (res.get("stderr") or res.get("msg") or "").strip().splitlines()
+        return f"node {where.rpartition('[')[2][:8]}: {words[-1] if words else 'failed'} (whole output: {log})"
+    return f"its message is in {log}"
+
+
 def playbook_failure(result: Any, state: dict) -> str:
-    """Which nodes failed a playbook, and the first message each gave."""
+    """Which nodes failed a playbook of `play`, the first message each gave, and the log."""
     if result.ret_code == PLAYBOOK_CANCELED:
         return "interrupted (Ctrl-C)"
     ranks = {node["id"]: node["rank"] for node in state["nodes"]}
@@ -511,7 +592,8 @@ def playbook_failure(result: Any, state: dict) -> str:
                 message = message[-1] if message else event["event"]
                 break
         failures.append(f"node {host[:8]} (rank {ranks.get(host, '?')}): {message}")
-    return "; ".join(failures) or f"ansible-playbook exited with {result.ret_code} (see the output above)"
+    what = "; ".join(failures) or f"ansible-playbook exited with {result.ret_code}"
+    return f"{what} (whole output: {result.log_file})"
 
 
 # -- checks before anything starts -------------------------------------------------
@@ -590,6 +672,7 @@ def check_aws(settings: Settings) -> None:
     """Keys, key pair, region and one cheap EC2 call: a wrong key fails here, not half-way."""
     import aws
 
+    check_boto2()
     template, provider, login = aws_template(settings)
     private = settings.clap_path / "private"
     for name, what in ((provider["access_keyfile"], "your AWS access key id"),
@@ -616,17 +699,32 @@ def check_aws(settings: Settings) -> None:
         raise UserError(f"region {provider['region']!r} in {settings.clap_path / 'configs' / 'providers.yaml'} "
                         f"is not an EC2 region: use one like us-east-1.")
     if settings.runner == "docker" and not settings.efs_host:
-        raise UserError("EFS_HOST is empty: set it in .env to your EFS file system's DNS name or address "
+        raise UserError("EFS_HOST is empty: set it in .env to the IP address of your EFS mount target "
                         "(the docker runner reads the app and data from it).")
-    try:
+    with aws_errors():
         client = aws.ec2_client_from_clap_config(settings.clap_path, template["provider"])
         aws.check_credentials(client)
         group = template.get("security_group")
-        if group and aws.security_group_allows_intra_group_tcp(client, group) is False:
-            warn(f"security group {group} does not let the nodes reach each other on every TCP port; "
-                 f"gloo needs that: add an all-TCP rule from the group itself.")
-    except aws.AwsError as error:
-        raise UserError(str(error)) from None
+        allowed = aws.security_group_allows_intra_group_tcp(client, group) if group else True
+    if allowed is None:
+        raise UserError(f"security group {group} (INSTANCE_TYPE={settings.instance_type} in "
+                        f"{settings.clap_path / 'configs' / 'instances.yaml'}) does not exist in {provider['region']}: "
+                        f"create it with an all-TCP rule from the group itself, or name an existing one there.")
+    if not allowed:
+        warn(f"security group {group} does not let the nodes reach each other on every TCP port; "
+             f"gloo needs that: add an all-TCP rule from the group itself.")
+
+
+def check_boto2() -> None:
+    """CLAP starts and stops instances with Ansible's `ec2` module, which imports boto (boto2) in
+    this very Python (Ansible's implicit localhost); boto2 does not import on Python 3.12+."""
+    try:
+        import boto.ec2  # noqa: F401
+    except Exception as error:  # boto2 breaks on new Pythons in more ways than ImportError: any failure counts
+        version = ".".join(map(str, sys.version_info[:3]))
+        raise UserError(f"this Python ({version}, {sys.executable}) cannot import boto ({error}), which `make up` "
+                        f"and `make down` need to start and stop EC2 instances: boto works on Python 3.8 to "
+                        f"3.11, so rebuild the venv with one (rm -rf .venv && make deps PYTHON=python3.11).") from None
 
 
 # -- the nodes, as their providers and CLAP's records know them --------------------
@@ -634,7 +732,7 @@ def nodes_alive(handles: Clap, ids: list[str]) -> dict[str, bool]:
     """Ask each node's provider (no SSH): is the machine there and running?"""
     from clap.node import NodeStatus
 
-    known = handles.node_manager.get_nodes_by_id(ids)
+    known = [node for node in handles.node_manager.get_all_nodes() if node.node_id in ids]  # CLAP forgot: gone
     alive = dict.fromkeys(ids, False)
     for provider, nodes in handles.node_manager.group_nodes_by_provider(known).items():
         for node in handles.node_manager.providers[provider].update_instance_info(nodes):
@@ -731,13 +829,29 @@ AWS_ENV_OVERRIDES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_
                      "AWS_DEFAULT_PROFILE")
 
 
-def aws_client(settings: Settings) -> Any:
+@contextmanager
+def aws_errors(then: str = "") -> Iterator[None]:
+    """Any failed EC2 call inside becomes the one sentence the user sees, plus what `then` says."""
     import aws
 
     try:
-        return aws.ec2_client_from_clap_config(settings.clap_path, aws_template(settings)[0]["provider"])
+        yield
+    except aws.ClientError as error:
+        message = aws.refusal(error)
+    except aws.BotoCoreError as error:
+        message = f"an EC2 call failed ({error})"
     except aws.AwsError as error:
-        raise UserError(str(error)) from None
+        message = str(error)
+    else:
+        return
+    raise UserError(f"{message}{'; ' + then if then else ''}.")
+
+
+def aws_client(settings: Settings) -> Any:
+    import aws
+
+    with aws_errors():
+        return aws.ec2_client_from_clap_config(settings.clap_path, aws_template(settings)[0]["provider"])
 
 
 def adopt_instances(settings: Settings, state: dict, cloud_ids: list[str]) -> None:
@@ -746,10 +860,62 @@ def adopt_instances(settings: Settings, state: dict, cloud_ids: list[str]) -> No
     import aws
 
     client = aws_client(settings)
-    aws.tag_instances(client, cloud_ids, PROJECT, state["cluster_id"])
-    for cloud_id in cloud_ids:
-        client.modify_instance_attribute(InstanceId=cloud_id, Attribute="instanceInitiatedShutdownBehavior",
-                                         Value="terminate")
+    with aws_errors("the nodes are recorded: `make down` terminates them"):
+        aws.tag_instances(client, cloud_ids, PROJECT, state["cluster_id"])
+        for cloud_id in cloud_ids:
+            client.modify_instance_attribute(InstanceId=cloud_id, Attribute="instanceInitiatedShutdownBehavior",
+                                             Value="terminate")
+
+
+def lifetime_minutes(settings: Settings, state: dict) -> int:
+    """Minutes until MAX_HOURS after `up` began (at least 1): when each node shuts itself down."""
+    return max(1, int(settings.max_hours * 60 - (time.time() - state["created"]) / 60))
+
+
+def lifetime_command(minutes: int) -> str:
+    """A node's own shutdown, in `minutes`; on EC2 adopt_instances makes a shutdown terminate."""
+    return f"sudo -n shutdown -h +{minutes}"
+
+
+AWS_SSH_EVERY_S = 10  # seconds between two SSH attempts on a booting EC2 node
+
+
+def wait_for_ssh(settings: Settings, handles: Clap, state: dict, ids: list[str]) -> list[str]:
+    """The nodes that never answered SSH.
+
+    On AWS a fresh Ubuntu takes minutes to boot: try until BOOT_TIMEOUT, and make each node's
+    answer the command that schedules its lifetime cap, so the cap holds from `up` on, even for
+    a cluster whose setup never runs. Elsewhere CONNECTION_TRIES tries, 5 s apart.
+    """
+    if settings.provider != "aws":
+        alive = handles.node_manager.is_alive(ids, retries=settings.connection_tries, wait_timeout=5)
+        return [node_id for node_id in ids if not alive.get(node_id)]
+    say(f"waiting up to BOOT_TIMEOUT={settings.boot_timeout} s for the nodes to answer SSH (a fresh node boots "
+        f"for minutes); each answer schedules its shutdown MAX_HOURS={settings.max_hours:g} h after `up`")
+    deadline = time.monotonic() + settings.boot_timeout
+    waiting = list(ids)
+    while True:
+        answer = lifetime_command(lifetime_minutes(settings, state))
+        alive = handles.node_manager.is_alive(waiting, retries=1, test_command=answer)
+        waiting = [node_id for node_id in waiting if not alive.get(node_id)]
+        if not waiting or time.monotonic() + AWS_SSH_EVERY_S > deadline:
+            return waiting
+        time.sleep(AWS_SSH_EVERY_S)
+
+
+def terminate_nodes(settings: Settings, handles: Clap, state: dict, ids: list[str]) -> None:
+    """Terminate these nodes now and drop them from nodes.json and CLAP's records."""
+    import aws
+
+    cloud_ids = [node["cloud_id"] for node in state["nodes"] if node["id"] in ids]
+    with aws_errors("they stay in nodes.json: `make down` terminates them"):
+        aws.terminate_and_wait(aws_client(settings), cloud_ids, timeout=600)
+    for node_id in ids:
+        handles.node_manager.remove_node(node_id)
+    state["nodes"] = [node for node in state["nodes"] if node["id"] not in ids]
+    for rank, node in enumerate(state["nodes"]):
+        node["rank"] = rank
+    write_state(settings, state)
 
 
 def hourly_cost(settings: Settings, count: int) -> float | None:
@@ -770,12 +936,31 @@ def sweep_instances(settings: Settings, state: dict | None) -> list[str]:
 
     client = aws_client(settings)
     cluster_id = state["cluster_id"] if state else None
-    alive = [i["InstanceId"] for i in aws.find_cluster_instances(client, PROJECT, cluster_id)]
-    try:
-        aws.terminate_and_wait(client, alive, timeout=600)
-    except TimeoutError as error:
-        raise UserError(f"{error}: run `make down` again, or terminate them in the EC2 console.") from None
-    return alive
+    with aws_errors("run `make down` again, or terminate them in the EC2 console"):
+        alive = [i["InstanceId"] for i in aws.find_cluster_instances(client, PROJECT, cluster_id)]
+        untagged = [i["InstanceId"] for i in untagged_launches(settings, state, client)]
+        if untagged:
+            warn(f"terminating {len(untagged)} instances of key pair {settings.keypair_name} that `up` started "
+                 f"but never tagged: {', '.join(untagged)}")
+        try:
+            aws.terminate_and_wait(client, alive + untagged, timeout=600)
+        except TimeoutError as error:
+            raise UserError(f"{error}: run `make down` again, or terminate them in the EC2 console.") from None
+    return alive + untagged
+
+
+def untagged_launches(settings: Settings, state: dict | None, client: Any) -> list[dict]:
+    """Instances this cluster's `up` started that carry none of our tags (its start was cut short)."""
+    import aws
+
+    if not state or not settings.keypair_name:
+        return []  # without the cluster's start time, nothing tells them from the user's other instances
+    configs = settings.clap_path / "configs"
+    template = read_yaml(configs / "instances.yaml").get(state.get("instance_type", settings.instance_type), {})
+    if not template:
+        return []
+    launch = aws.Launch(settings.keypair_name, str(template["image_id"]), str(template["flavor"]), state["created"])
+    return aws.find_untagged_launches(client, launch)
 
 
 # -- DRY_RUN=1: the plan, and nothing done ---------------------------------------------
@@ -785,13 +970,18 @@ def show_plan(settings: Settings, state: dict, action: str, run_id: str = "") ->
     per_node = node_vars(state)
     print(f"DRY RUN: would play {settings.clap_path / 'roles' / 'roles' / f'dcgan_{action}.yaml'}")
     for node in state["nodes"]:
-        print(f"  on rank {node['rank']}: node {node['id'][:8]} at {node['address']}  "
+        print(f"  on rank {node['rank']}: node {short_id(node['id'])} at {node['address']}  "
               f"{json.dumps(per_node[node['id']])}")
     print(f"  with {json.dumps(extra, indent=None)}")
     if action == "run":
         for node in state["nodes"]:
             print(f"  rank {node['rank']} runs: {rank_command(settings, state, extra, per_node[node['id']])}")
     print("Nothing was started, changed or written.")
+
+
+def short_id(node_id: str) -> str:
+    """A node id as the messages show it; a DRY_RUN placeholder whole."""
+    return node_id if node_id.startswith("<") else node_id[:8]
 
 
 def rank_command(settings: Settings, state: dict, extra: dict, per_node: dict) -> str:

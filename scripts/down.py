@@ -7,6 +7,7 @@ at the wrong time) through CLAP's records and the local provider's own records.
 from __future__ import annotations
 
 import argparse
+import subprocess
 
 import common
 from common import UserError
@@ -26,10 +27,10 @@ def main(argv: list[str] | None = None) -> int:
         ids = common.node_ids(state) if state else []
         ids += [n for n in common.project_nodes(handles, state) if n not in ids]
         known = cloud_ids(handles, ids)
+        addresses = {node["address"] for node in (state or {}).get("nodes", [])}
+        addresses |= {node.ip for node in handles.node_manager.get_nodes_by_id(ids) if node.ip}
         if settings.dry_run:
-            sweep = f"instances tagged {common.PROJECT}" if settings.provider == "aws" else "unrecorded local hosts"
-            print(f"DRY RUN: would stop {len(ids)} nodes ({', '.join(i[:8] for i in ids) or 'none'}), sweep "
-                  f"{sweep} and clear {settings.nodes_file.name}. Nothing was stopped or written.")
+            print(plan(settings, ids))
             return 0
         if ids:
             common.say(f"stopping {len(ids)} nodes")
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             for node in handles.node_manager.get_all_nodes():
                 if node.node_id in ids:  # terminated for sure now, whatever CLAP's stop said
                     handles.node_manager.remove_node(node.node_id)
+            forget_host_keys(settings, addresses)
         else:
             orphans = common.stop_local_orphans(settings, handles)
         common.close_connections(settings)
@@ -56,6 +58,22 @@ def main(argv: list[str] | None = None) -> int:
     else:
         common.say(f"down: {len(ids) + orphans} nodes stopped, {settings.nodes_file.name} cleared.")
     return 0
+
+
+def plan(settings: common.Settings, ids: list[str]) -> str:
+    sweep = f"instances tagged {common.PROJECT}" if settings.provider == "aws" else "unrecorded local hosts"
+    return (f"DRY RUN: would stop {len(ids)} nodes ({', '.join(common.short_id(i) for i in ids) or 'none'}), "
+            f"sweep {sweep} and clear {settings.nodes_file.name}. Nothing was stopped or written.")
+
+
+def forget_host_keys(settings: common.Settings, addresses: set[str]) -> None:
+    """EC2 hands a released public address to the next instance, whose new key `accept-new` would refuse."""
+    known_hosts = common.known_hosts_file(settings)
+    if not known_hosts.exists():
+        return
+    for address in sorted(addresses):
+        subprocess.run(["ssh-keygen", "-R", address, "-f", str(known_hosts)], capture_output=True, check=False)
+    known_hosts.with_name(known_hosts.name + ".old").unlink(missing_ok=True)  # ssh-keygen's backup
 
 
 def cloud_ids(handles: common.Clap, ids: list[str]) -> set[str]:

@@ -22,38 +22,42 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--every", type=float, default=float(os.environ.get("PROGRESS_EVERY", common.PROGRESS_EVERY_S)),
                         help="seconds between two progress reports (default %(default)s)")
+    parser.add_argument("--nodes", type=int, help="train on ranks 0..NODES-1 only (default: every node)")
     args = parser.parse_args(argv)
     settings = common.load_settings()
     with common.exclusive(settings, "run"):
         state = common.need_nodes(settings, "run")
+        if args.nodes is not None and not 1 <= args.nodes <= len(state["nodes"]):
+            raise UserError(f"--nodes {args.nodes} must be between 1 and the {len(state['nodes'])} nodes of the "
+                            f"cluster: `make up NODES={args.nodes}` first.")
+        # The ranks of this run; nodes.json keeps every node (state is what is written).
+        ranks = {**state, "nodes": state["nodes"][:args.nodes]}
         if state.get("steps", {}).get("setup", {}).get("state") != "done":
             raise UserError("the nodes are not set up: run `make setup` before `make run`.")
         if settings.dry_run:
-            common.show_plan(settings, state, "run", (current_run(state) or {}).get("id") or new_run_id(state))
+            common.show_plan(settings, ranks, "run", (current_run(state) or {}).get("id") or new_run_id(state))
             return 0
         run = current_run(state)
         if run:
             common.say(f"re-attaching to run {run['id']}, going since {_clock(run['started'])}")
         else:
             run = {"id": new_run_id(state), "state": "running", "started": time.time(),
-                   "epochs": settings.epochs, "nodes": len(state["nodes"]), "fetched": False}
+                   "epochs": settings.epochs, "nodes": len(ranks["nodes"]), "fetched": False}
             state.setdefault("runs", []).append(run)
-            common.say(f"starting run {run['id']}: {settings.epochs} epochs on {len(state['nodes'])} nodes")
+            common.say(f"starting run {run['id']}: {settings.epochs} epochs on {len(ranks['nodes'])} nodes")
         handles = common.clap(settings, state)
-        progress = Progress(settings, state, run["id"], handles, args.every)
+        progress = Progress(settings, ranks, run["id"], handles, args.every)
         try:
             with common.recording(settings, state, "run"):
                 progress.start()
-                result = handles.role_manager.perform_action(
-                    common.ROLE, "run", common.node_ids(state), node_vars=common.node_vars(state),
-                    extra_args=common.role_vars(settings, state, "run", run["id"]), quiet=True)
+                result = common.play(settings, handles, ranks, "run", run["id"])
                 if result.ret_code == common.PLAYBOOK_CANCELED:
                     raise KeyboardInterrupt
                 progress.finish()
                 run["state"] = "done" if result.ok else "failed"
                 run["finished"] = time.time()
                 if not result.ok:
-                    run["reason"] = common.playbook_failure(result, state)
+                    run["reason"] = common.playbook_failure(result, ranks)
                     raise UserError(f"run {run['id']} failed: {run['reason']}. Its outputs so far: `make results`.")
         except KeyboardInterrupt:
             progress.finish(report=False)

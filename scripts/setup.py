@@ -26,17 +26,20 @@ def main(argv: list[str] | None = None) -> int:
         with common.recording(settings, state, "setup"):
             assigned = set(handles.role_manager.get_role_nodes(common.ROLE, ids).get("", []))
             if assigned == set(ids):
-                result = handles.role_manager.perform_action(common.ROLE, "setup", ids, **args)
+                result = common.play(settings, handles, state, "setup")
                 if not result.ok:
                     raise UserError(f"setup failed: {common.playbook_failure(result, state)}")
             else:
                 from clap.role_manager import RoleAssignmentError
 
-                try:
-                    handles.role_manager.add_role(common.ROLE, ids, **args)
-                except RoleAssignmentError:
-                    raise UserError("setup failed on a node (its message is in the Ansible output above): "
-                                    "fix it, then `make setup` again.") from None
+                with common.ansible_log(settings, "setup") as log:
+                    try:
+                        # a grown cluster: only the new nodes are set up
+                        handles.role_manager.add_role(common.ROLE, [i for i in ids if i not in assigned],
+                                                      quiet=not settings.verbose, **args)
+                    except RoleAssignmentError:
+                        raise UserError(f"setup failed: {common.logged_failure(log)}; fix it, then "
+                                        f"`make setup` again.") from None
     common.say(f"setup done on {len(ids)} nodes in {state['steps']['setup']['seconds']:.1f} s; next: make run")
     return 0
 

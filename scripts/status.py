@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     for node in state["nodes"]:
         print(f"  rank {node['rank']}  {node['id'][:8]}  {node['address']:15}  "
               f"{'alive' if alive[node['id']] else 'GONE'}")
+    if state.get("sweep"):
+        sweep = state["sweep"]
+        print(f"  sweep: point {sweep['point']} of {sweep['of']} ({sweep['size']} {sweep['type']} nodes)")
     for step, record in state.get("steps", {}).items():
         took = f"{record['seconds']:.1f} s" if "seconds" in record else "since " + _clock(record["started"])
         print(f"  {step:8} {record['state']:8} {took}")
@@ -52,25 +55,30 @@ def main(argv: list[str] | None = None) -> int:
         cost = common.hourly_cost(settings, len(state["nodes"]))
         if cost is not None:
             print(f"  cost so far about ${cost * age / 3600:.2f} (${cost:.4f}/hour)")
-        strays = cloud_strays(settings, {node.get("cloud_id") for node in state["nodes"]})
+        strays = cloud_strays(settings, state, {node.get("cloud_id") for node in state["nodes"]})
         if strays:
             print(f"  ALSO RUNNING, not in {settings.nodes_file.name}: {', '.join(strays)} (`make down` stops them)")
     return 0 if all(alive.values()) else 1
 
 
-def cloud_strays(settings: common.Settings, known: set[str]) -> list[str]:
-    """Instances tagged as this project's that no record of ours names."""
+def cloud_strays(settings: common.Settings, state: dict | None, known: set[str]) -> list[str]:
+    """Instances of this project that no record of ours names: tagged ones, and those this
+    cluster's `up` started but never tagged."""
     import aws
 
-    found = aws.find_cluster_instances(common.aws_client(settings), common.PROJECT)
-    return sorted(i["InstanceId"] for i in found if i["InstanceId"] not in known)
+    client = common.aws_client(settings)
+    with common.aws_errors():
+        tagged = aws.find_cluster_instances(client, common.PROJECT)
+        untagged = common.untagged_launches(settings, state, client)
+    return sorted(i["InstanceId"] for i in tagged if i["InstanceId"] not in known) + sorted(
+        f"{i['InstanceId']} (untagged)" for i in untagged)
 
 
 def report_records(settings: common.Settings, state: dict | None) -> int:
     """No usable nodes.json: is anything of ours still running?"""
     handles = common.clap(settings, state)
     ids = common.project_nodes(handles, None)
-    strays = cloud_strays(settings, set()) if settings.provider == "aws" else []
+    strays = cloud_strays(settings, state, set()) if settings.provider == "aws" else []
     if strays:
         print(f"instances of this project are running: {', '.join(strays)}; `make down` terminates them.")
         return 1

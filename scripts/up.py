@@ -1,6 +1,7 @@
 """make up: start NODES nodes through CLAP and record them, in rank order, in nodes.json.
 
-Idempotent: when nodes.json already lists live nodes, nothing is started.
+Idempotent: when nodes.json already lists NODES or more live nodes, nothing is started.
+With fewer, the cluster grows: the difference is started and appended in rank order.
 """
 
 from __future__ import annotations
@@ -19,19 +20,25 @@ def main(argv: list[str] | None = None) -> int:
     with common.exclusive(settings, "up"):
         state = common.read_state(settings)
         if state and state.get("nodes"):
-            return already_up(settings, state)
+            already_up(settings, state)
+            if settings.nodes <= len(state["nodes"]):
+                return 0
         common.preflight(settings)
+        first = len(state["nodes"]) if state and state.get("nodes") else 0
+        count = settings.nodes - first
         if settings.dry_run:
-            return show_plan(settings)
+            return show_plan(settings, count)
         if settings.provider == "local" and not settings.ssh_hosts:
             common.ensure_local_key(settings)
 
-        state = {"format": common.STATE_FORMAT, "cluster_id": f"c-{secrets.token_hex(4)}",
-                 "provider": settings.provider, "instance_type": settings.instance_type,
-                 "created": time.time(), "nodes": [], "steps": {}, "runs": []}
+        if not first:
+            state = {"format": common.STATE_FORMAT, "cluster_id": f"c-{secrets.token_hex(4)}",
+                     "provider": settings.provider, "instance_type": settings.instance_type,
+                     "created": time.time(), "nodes": [], "steps": {}, "runs": []}
+        state["steps"].pop("setup", None)  # the new nodes are not set up yet
         handles = common.clap(settings, state)
         template = common.instance_info(settings, handles.config_db)
-        common.say(f"starting {settings.nodes} {settings.instance_type} nodes (cluster {state['cluster_id']})")
+        common.say(f"starting {count} {settings.instance_type} nodes (cluster {state['cluster_id']})")
         if settings.provider == "aws":
             cost = common.hourly_cost(settings, settings.nodes)
             if cost is not None:
@@ -39,23 +46,29 @@ def main(argv: list[str] | None = None) -> int:
                            f"MAX_HOURS={settings.max_hours:g} h")
         common.write_state(settings, state)  # the cluster id, before anything starts
         with common.recording(settings, state, "up"):
-            ids = handles.node_manager.start_node(template, count=settings.nodes)
+            ids = handles.node_manager.start_node(template, count=count)
             nodes = {node.node_id: node for node in handles.node_manager.get_nodes_by_id(ids)}
-            state["nodes"] = [
+            state["nodes"] += [
                 {"id": node_id, "rank": rank, "name": nodes[node_id].nickname, "address": nodes[node_id].ip,
                  "private_address": nodes[node_id].extra.get("private_ip") or nodes[node_id].ip,
                  "cloud_id": nodes[node_id].cloud_instance_id}
-                for rank, node_id in enumerate(ids)
+                for rank, node_id in enumerate(ids, start=first)
             ]
             common.write_state(settings, state)  # recorded before anything else can fail
             handles.node_manager.add_tags(ids, common.cluster_tags(state))
             if settings.provider == "aws":
-                common.adopt_instances(settings, state, [node["cloud_id"] for node in state["nodes"]])
+                common.adopt_instances(settings, state, [node["cloud_id"] for node in state["nodes"][first:]])
             if settings.connection_tries > 0:
-                alive = handles.node_manager.is_alive(ids, retries=settings.connection_tries, wait_timeout=5)
-                dead = [node_id[:8] for node_id, ok in alive.items() if not ok]
+                dead = common.wait_for_ssh(settings, handles, state, ids)
+                names = ", ".join(node_id[:8] for node_id in dead)
+                if dead and settings.provider == "aws":
+                    common.terminate_nodes(settings, handles, state, dead)  # a node that never answers is only a bill
+                    left = len(state["nodes"])
+                    raise UserError(f"nodes {names} did not answer SSH within BOOT_TIMEOUT={settings.boot_timeout} s "
+                                    f"and were terminated; " + (f"the other {left} are recorded: `make down` stops "
+                                    f"them, then `make up` again." if left else "run `make up` again."))
                 if dead:
-                    raise UserError(f"nodes {', '.join(dead)} do not answer SSH after {settings.connection_tries} "
+                    raise UserError(f"nodes {names} do not answer SSH after {settings.connection_tries} "
                                     f"tries: they are recorded; `make down` stops them.")
     for node in state["nodes"]:
         common.say(f"rank {node['rank']}: node {node['id'][:8]} at {node['address']}")
@@ -63,20 +76,31 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def show_plan(settings: common.Settings) -> int:
+def show_plan(settings: common.Settings, count: int) -> int:
     cost = common.hourly_cost(settings, settings.nodes) if settings.provider == "aws" else 0.0
-    print(f"DRY RUN: would start {settings.nodes} {settings.instance_type} nodes on {settings.provider}"
+    ssh_plan = (f"for up to BOOT_TIMEOUT={settings.boot_timeout} s, terminating a node that never answers."
+                if settings.provider == "aws" and settings.connection_tries else f"{settings.connection_tries} times.")
+    print(f"DRY RUN: would start {count} {settings.instance_type} nodes on {settings.provider}"
           f"{f', expected cost ${cost:.4f} per hour' if cost else ''}, then check SSH "
-          f"{settings.connection_tries} times. Nothing was started or written.")
+          f"{ssh_plan} Nothing was started or written.")
     return 0
 
 
-def already_up(settings: common.Settings, state: dict) -> int:
+def already_up(settings: common.Settings, state: dict) -> None:
+    """The recorded nodes are all alive (and, to grow them, of INSTANCE_TYPE), or a sentence says what to do."""
     handles = common.clap(settings, state)
     alive = common.nodes_alive(handles, common.node_ids(state))
-    if all(alive.values()):
+    if all(alive.values()) and len(alive) >= settings.nodes:
         common.say(f"already up: {len(alive)} nodes of cluster {state['cluster_id']}, nothing to do.")
-        return 0
+        return
+    if all(alive.values()):
+        common.check_provider(settings, state)
+        if state["instance_type"] != settings.instance_type:
+            raise UserError(f"the cluster's nodes are {state['instance_type']}, not INSTANCE_TYPE="
+                            f"{settings.instance_type}: set INSTANCE_TYPE={state['instance_type']} to add "
+                            f"nodes, or `make down` first.")
+        common.say(f"growing cluster {state['cluster_id']} from {len(alive)} to {settings.nodes} nodes")
+        return
     dead = ", ".join(node_id[:8] for node_id, ok in alive.items() if not ok)
     raise UserError(f"{settings.nodes_file.name} lists nodes that are gone ({dead}): run `make down`, "
                     f"then `make up`.")

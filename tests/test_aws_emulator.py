@@ -10,11 +10,13 @@ The instances' public IPs are fake: nothing here connects to them, and
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -232,20 +234,21 @@ def test_orphan_sweep_finds_instance_without_clap_record(clap_ok: None, emulator
     records = [n.node_id for n in nm.get_all_nodes()]
     found = [i["InstanceId"] for i in aws.find_cluster_instances(ec2, "proj-orphan", "cluster-9")]
     other = aws.find_cluster_instances(ec2, "proj-orphan", "cluster-other")
-    # Launched with the key pair but never tagged (what a timed-out start leaves).
+    # Launched with the key pair, AMI and type but never tagged (what a timed-out start leaves).
+    launch = aws.Launch("clap-emu-key", "ami-12c6146b", "t2.micro", since=time.time())
     untagged = ec2.run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1,
                                  InstanceType="t2.micro", KeyName="clap-emu-key")["Instances"][0]["InstanceId"]
-    by_key = [i["InstanceId"] for i in aws.find_cluster_instances(ec2, "proj-orphan", key_name="clap-emu-key")]
-    aws.terminate_and_wait(ec2, by_key, timeout=30)
+    by_launch = [i["InstanceId"] for i in aws.find_untagged_launches(ec2, launch)]
+    aws.terminate_and_wait(ec2, found + by_launch, timeout=30)
     out({"ids": ids, "cloud": cloud, "records": records, "found": found, "other": len(other),
-         "untagged": untagged, "by_key": by_key, "after": live(cloud + [untagged]),
-         "left": len(aws.find_cluster_instances(ec2, "proj-orphan", key_name="clap-emu-key"))})
+         "untagged": untagged, "by_launch": by_launch, "after": live(cloud + [untagged]),
+         "left": len(aws.find_cluster_instances(ec2, "proj-orphan") + aws.find_untagged_launches(ec2, launch))})
     """
-    res = run_snippet(emulator, clap_path, body, timeout=240)
+    res = run_snippet(emulator, clap_path, "import time\n" + textwrap.dedent(body), timeout=240)
     assert res["ids"][0] not in res["records"]
     assert res["found"] == res["cloud"]
     assert res["other"] == 0
-    assert sorted(res["by_key"]) == sorted(res["cloud"] + [res["untagged"]])
+    assert res["by_launch"] == [res["untagged"]]  # CLAP's instance is tagged (CreatedWith), and ours
     assert set(res["after"].values()) == {"terminated"}
     assert res["left"] == 0
 
@@ -412,3 +415,90 @@ def test_hourly_cost() -> None:
         aws.hourly_cost("x1.huge", "us-east-1", 1)
     with pytest.raises(ValueError):
         aws.hourly_cost("t2.micro", "us-east-1", -1)
+
+
+# ------------------------------------------------------------------ the rules of a real account
+
+
+def test_launched_by_matches_only_what_the_launch_asked_for() -> None:
+    launch = aws.Launch("key-a", "ami-1", "t2.medium", since=1_000_000.0)
+    cut_short = {"KeyName": "key-a", "ImageId": "ami-1", "InstanceType": "t2.medium", "LaunchTime": 1_000_010.0}
+    assert aws.launched_by(cut_short, launch)
+    assert aws.launched_by({**cut_short, "LaunchTime": 1_000_000.0 - aws.LAUNCH_CLOCK_SLACK_S}, launch)
+    for other in ({"KeyName": "key-b"}, {"ImageId": "ami-2"}, {"InstanceType": "t2.small"},
+                  {"LaunchTime": 1_000_000.0 - aws.LAUNCH_CLOCK_SLACK_S - 1},  # before this `up` began
+                  {"Tags": [{"Key": aws.TAG_PROJECT, "Value": "dcgan-clap"}]}):  # tagged: the tag sweep's
+        assert not aws.launched_by({**cut_short, **other}, launch), other
+
+
+def test_an_ec2_refusal_becomes_one_sentence() -> None:
+    from botocore.exceptions import ClientError
+
+    import common
+
+    error = ClientError({"Error": {"Code": "UnauthorizedOperation",
+                                   "Message": "You are not authorized.\nEncoded message: abc"}}, "CreateTags")
+    assert aws.refusal(error) == ("EC2 CreateTags was refused (UnauthorizedOperation: You are not authorized. "
+                                  "Encoded message: abc): grant your IAM user ec2:CreateTags (an admin of the "
+                                  "account can)")
+    with pytest.raises(common.UserError) as raised, common.aws_errors("the nodes are recorded"):
+        raise error
+    assert str(raised.value).endswith("(an admin of the account can); the nodes are recorded.")
+
+
+class FakeNodes:
+    """CLAP's node manager as wait_for_ssh sees it, on a clock that sleeps advance."""
+
+    def __init__(self, answers_after: dict[str, float]) -> None:
+        self.now = 0.0
+        self.answers_after = answers_after
+        self.calls: list[tuple[list[str], dict]] = []
+
+    def is_alive(self, ids: list[str], **options: Any) -> dict[str, bool]:
+        self.calls.append((list(ids), options))
+        return {node_id: self.now >= self.answers_after[node_id] for node_id in ids}
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_aws_up_waits_for_a_slow_boot_and_each_answer_caps_the_lifetime(
+        project: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    import common
+
+    settings = common.load_settings({**project, "PROVIDER": "aws", "MAX_HOURS": "2"})
+    assert settings.boot_timeout == 300  # the default: a fresh Ubuntu can take minutes
+    nodes = FakeNodes({"fast": 0, "slow": 240, "never": float("inf")})
+    monkeypatch.setattr(common.time, "monotonic", lambda: nodes.now)
+    monkeypatch.setattr(common.time, "sleep", nodes.sleep)
+    handles = common.Clap(None, nodes, None)
+    state = {"created": time.time() - 30 * 60 + 30}  # `up` began 29.5 min ago: 90 of MAX_HOURS=2 left
+
+    assert common.wait_for_ssh(settings, handles, state, ["fast", "slow"]) == []
+    assert nodes.calls[0] == (["fast", "slow"], {"retries": 1, "test_command": "sudo -n shutdown -h +90"})
+    assert all(ids == ["slow"] for ids, _ in nodes.calls[1:])  # a node that answered is not asked again
+
+    nodes.now, nodes.calls = 0.0, []
+    assert common.wait_for_ssh(settings, handles, state, ["fast", "never"]) == ["never"]
+    assert 300 - common.AWS_SSH_EVERY_S <= nodes.now <= 300  # given up at BOOT_TIMEOUT, not after 3 x 5 s
+
+    local = common.load_settings({**project, "CONNECTION_TRIES": "3"})
+    nodes.calls = []
+    assert common.wait_for_ssh(local, handles, state, ["never"]) == ["never"]
+    assert nodes.calls == [(["never"], {"retries": 3, "wait_timeout": 5})]
+
+
+def test_setup_and_up_agree_on_the_lifetime_cap(project: dict) -> None:
+    import common
+
+    settings = common.load_settings({**project, "PROVIDER": "aws", "MAX_HOURS": "3"})
+    state = {"created": time.time() - 60 * 60 + 30, "nodes": []}
+    assert common.role_vars(settings, state, "setup")["shutdown_after_minutes"] == 120
+    assert common.lifetime_command(common.lifetime_minutes(settings, state)) == "sudo -n shutdown -h +120"
+
+
+def test_env_example_offers_the_efs_mount_target_address() -> None:
+    """The EFS DNS name resolves only in zones with a mount target; its address works from every zone."""
+    example = (ROOT / ".env.example").read_text()
+    value = next(line.split("=", 1)[1] for line in example.splitlines() if line.startswith("# EFS_HOST="))
+    ipaddress.ip_address(value)

@@ -177,15 +177,39 @@ def test_your_own_ssh_hosts_are_used_and_never_removed(env: dict, ssh_key: Path,
         shutil.copy(ssh_key, private / "ssh_key")
         (private / "ssh_key").chmod(0o600)
         env = {**env, "SSH_HOSTS": ",".join(h.address for h in hosts), "SSH_USER": "root", "EPOCHS": "1"}
-        done = make(env, "up", "setup", "run", "logs", "results", "down")
+        done = make(env, "up", "setup", "run", "logs")
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert "--- rank 1: output-1.txt" in done.stdout  # read over SSH on rank 0, as on a cloud
+        assert_progress_reads_only_what_is_new(env)
+        done = make(env, "results", "down")
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         (run,) = Path(env["RESULTS_DIR"]).iterdir()
         assert_trained(run, epochs=1)
         assert all(mine.is_up(h) for h in mine.hosts())  # yours: used, never removed
     finally:
         mine.destroy()
     assert leftovers(subnet_tag(253)) == []
+
+
+def assert_progress_reads_only_what_is_new(env: dict) -> None:
+    """The live progress over SSH: a second read brings only the bytes written since the first."""
+    snippet = """
+import json, common
+settings = common.load_settings()
+state = common.read_state(settings)
+logs = common.RunLogs(settings, state, state["runs"][-1]["id"])
+first = logs.read()
+with open(f"{common.run_folder(settings, state['runs'][-1]['id'])}/output-1.txt", "a") as out:
+    out.write("one more line\\n")
+print(json.dumps({"first": first, "new": logs._read_on_master(), "sizes": logs.sizes}))
+"""
+    done = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-c", snippet], cwd=ROOT / "scripts", env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    read = json.loads(done.stdout.splitlines()[-1])
+    assert "Epoch 0 took" in read["first"]["1"]
+    assert read["new"]["1"] == [read["sizes"]["1"] + len("one more line\n"), "one more line\n"]
+    assert read["new"]["0"] == [read["sizes"]["0"], ""]
 
 
 def test_make_all_keeps_the_nodes_when_a_step_fails_and_says_how_to_go_on(env: dict) -> None:

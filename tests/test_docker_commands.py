@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import PLAYBOOKS
 
@@ -67,9 +68,18 @@ def test_run_command_per_rank(tmp_path: Path) -> None:
             " --out_folder /home/ubuntu/efs/ana/runs/run-1")
 
 
+def test_run_command_mounts_an_app_outside_user_dir(tmp_path: Path) -> None:
+    rank = render(tmp_path, dcgan_dir="/home/ubuntu/src/dcgan")["node-a"]["rank"]
+    assert " -v /home/ubuntu/efs/ana:/home/ubuntu/efs/ana -v /home/ubuntu/src/dcgan:/home/ubuntu/src/dcgan " in rank
+    assert " -w /home/ubuntu/src/dcgan dcgan:latest " in rank
+    # The app at user_dir itself: one mount (Docker refuses the same path twice).
+    rank = render(tmp_path, dcgan_dir="/home/ubuntu/efs/ana")["node-a"]["rank"]
+    assert rank.count("-v /home/ubuntu/efs/ana:") == 1
+
+
 def test_native_command_and_app_args(tmp_path: Path) -> None:
     rank = render(tmp_path, runner="native", dcgan_python="/opt/venv/bin/python",
-                  app_args="--max_workers 0 --batch_size 16", epochs=5)["node-b"]["rank"]
+                  app_args=["--max_workers", "0", "--batch_size", "16"], epochs=5)["node-b"]["rank"]
     assert rank.startswith("/opt/venv/bin/python -m torch.distributed.run --nnodes 2 --node_rank 1 ")
     assert rank.endswith("--num_epochs 5 --out_folder /home/ubuntu/efs/ana/runs/run-1 --max_workers 0 --batch_size 16")
 
@@ -79,3 +89,66 @@ def test_playbooks_pass_ansible_syntax_check(action: str) -> None:
     done = subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "--syntax-check",
                            str(PLAYBOOKS / f"dcgan_{action}.yaml")], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def play_setup(tmp_path: Path, start_at: str, path: str = "", user_dirs: tuple[Path, ...] = (),
+               **extra: object) -> subprocess.CompletedProcess:
+    """The setup playbook on this machine (local connection), from the task `start_at` on;
+    one host per user_dirs (default: tmp_path/user)."""
+    inventory = tmp_path / "hosts.yaml"
+    inventory.write_text(json.dumps({"all": {"hosts": {
+        f"node-{rank}": {"node_rank": rank, "ansible_connection": "local", "user_dir": str(user_dir)}
+        for rank, user_dir in enumerate(user_dirs or (tmp_path / "user",))}}}))
+    app = tmp_path / "app"
+    app.mkdir(exist_ok=True)
+    (app / "dist_dcgan.py").write_text("")
+    (app / "Dockerfile").write_text("FROM ubuntu:20.04\n")
+    batch = tmp_path / "data" / "cifar-10-batches-py" / "test_batch"
+    batch.parent.mkdir(parents=True, exist_ok=True)
+    batch.write_text("")
+    variables = {"runner": "native", "efs_mount_point": str(tmp_path),
+                 "dcgan_dir": str(app), "cifar_data_dir": str(tmp_path / "data"), "dcgan_python": sys.executable,
+                 "ansible_python_interpreter": sys.executable, **extra}
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(inventory), "--start-at-task", start_at,
+         str(PLAYBOOKS / "dcgan_setup.yaml"), "-e", json.dumps(variables)],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "ANSIBLE_NOCOLOR": "1", "PATH": f"{path}{os.environ['PATH']}"})
+
+
+def test_setup_keeps_the_mode_of_an_existing_user_folder(tmp_path: Path) -> None:
+    """A user_dir made by someone else keeps its mode; a missing one is made 0755."""
+    theirs, missing = tmp_path / "theirs", tmp_path / "missing"
+    theirs.mkdir(mode=0o700)
+    done = play_setup(tmp_path, "Look for the user folder on the shared filesystem", user_dirs=(theirs, missing))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert theirs.stat().st_mode & 0o777 == 0o700
+    assert missing.stat().st_mode & 0o777 == 0o755
+
+
+@pytest.mark.parametrize(("buildx", "buildkit"), [(0, "1"), (1, "0")])
+def test_setup_builds_with_buildkit_where_docker_has_it(tmp_path: Path, buildx: int, buildkit: str) -> None:
+    """A stand-in `docker` records how the image is built: BuildKit (each layer written once)
+    when the buildx plugin answers, the legacy builder otherwise."""
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    (shims / "docker").write_text(f"""#!/bin/sh
+case "$1" in
+  image) exit 1 ;;
+  buildx) exit {buildx} ;;
+  build) echo "DOCKER_BUILDKIT=$DOCKER_BUILDKIT $*" > {tmp_path}/built; exit 0 ;;
+esac
+exit 2
+""")
+    (shims / "docker").chmod(0o755)
+    (tmp_path / "user").mkdir()
+    done = play_setup(tmp_path, "Look at the app's Dockerfile and code", path=f"{shims}:", runner="docker")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "built").read_text().startswith(f"DOCKER_BUILDKIT={buildkit} build -t dcgan:")
+
+
+def test_setup_waits_for_the_apt_lock_of_a_fresh_node() -> None:
+    """unattended-upgrades holds apt's lock for minutes after a fresh EC2 Ubuntu boots."""
+    tasks = yaml.safe_load((PLAYBOOKS / "dcgan_setup.yaml").read_text())[0]["tasks"]
+    apt_tasks = [task for task in tasks if "ansible.builtin.apt" in task]
+    assert apt_tasks and all(task["ansible.builtin.apt"].get("lock_timeout", 0) >= 300 for task in apt_tasks)

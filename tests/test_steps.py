@@ -188,3 +188,124 @@ def test_dry_run_up_says_what_it_would_start(project: dict) -> None:
     assert "DRY RUN: would start 3 type-local nodes on local" in done.stdout
     assert not Path(project["NODES_FILE"]).exists()
     assert not (Path(project["CLAP_PATH"]) / "private" / "local_key").exists()
+
+
+def files_under(folder: Path) -> set[Path]:
+    return set(folder.rglob("*"))
+
+
+def namespaces() -> str:
+    return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+
+def test_dry_run_all_from_nothing_prints_the_whole_experiment(project: dict, tmp_path: Path) -> None:
+    before, hosts_before = files_under(tmp_path), namespaces()
+    done = step("all", project, DRY_RUN="1", NODES="3")
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "DRY RUN: would start 3 type-local nodes on local" in out
+    for action in ("setup", "run", "results"):
+        assert f"DRY RUN: would play {project['CLAP_PATH']}/roles/roles/dcgan_{action}.yaml" in out
+    for rank in (0, 1, 2):
+        assert f"on rank {rank}: node <node {rank}> at <address of node {rank}>" in out
+        assert (f"rank {rank} runs: env GLOO_SOCKET_IFNAME=<interface to the master> OMP_NUM_THREADS=" in out)
+        assert (f"--nnodes 3 --node_rank {rank} --master_addr <private address of node 0> --master_port 29500"
+                in out)
+    assert "/runs/<run id>'" in out and '"run_id": "<run id>"' in out
+    assert "DRY RUN: would stop 3 nodes (<node 0>, <node 1>, <node 2>)" in out
+    assert files_under(tmp_path) == before  # no nodes.json, no key, no lock, no results
+    assert namespaces() == hosts_before
+
+
+def test_all_without_clap_names_only_the_fix(project: dict, tmp_path: Path) -> None:
+    done = step("all", project, CLAP=str(tmp_path / "no-clap"))
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"error: CLAP not found at {tmp_path / 'no-clap'}: run `git submodule update --init`, "
+        f"or set CLAP=/path/to/a/CLAP/checkout."]
+    assert not Path(project["NODES_FILE"]).exists()
+
+
+def test_all_says_the_nodes_are_kept_only_when_nodes_json_lists_them(project: dict, tmp_path: Path) -> None:
+    write_nodes(project)
+    done = step("all", project, CLAP=str(tmp_path / "no-clap"))
+    assert done.returncode == 1
+    assert "CLAP not found" in done.stderr
+    assert "`make all` stopped at `up`. The nodes are KEPT and still running." in done.stderr
+    assert "resume:   make up setup run results down" in done.stderr
+
+
+class FakeResult:
+    ok = True
+
+
+@pytest.fixture
+def fake_fetch(project: dict, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """results.main in this process, the role's copy played by a stand-in: the runs it was asked for."""
+    import results
+
+    for name, value in project.items():
+        monkeypatch.setenv(name, value)
+    fetched: list[str] = []
+
+    def play(settings: common.Settings, handles: object, state: dict, action: str, run_id: str) -> FakeResult:
+        assert action == "results" and len(state["nodes"]) == 1
+        (settings.results_dir / run_id).mkdir(parents=True)
+        (settings.results_dir / run_id / "output-0.txt").write_text(run_id)
+        fetched.append(run_id)
+        return FakeResult()
+
+    monkeypatch.setattr(common, "clap", lambda settings, state: None)
+    monkeypatch.setattr(common, "play", play)
+    monkeypatch.setattr(results.report, "main", lambda argv: 0)
+    return fetched
+
+
+def run_record(run_id: str, state: str, fetched: str | bool = False) -> dict:
+    return {"id": run_id, "state": state, "started": 0, "epochs": 2, "fetched": fetched}
+
+
+def test_results_fetches_every_finished_run_not_fetched_yet(project: dict, fake_fetch: list[str],
+                                                            capsys: pytest.CaptureFixture) -> None:
+    import results
+
+    write_nodes(project, runs=[run_record("r1", "done", "/elsewhere/r1"), run_record("r2", "failed"),
+                               run_record("r3", "stopped"), run_record("r4", "done"), run_record("r5", "running")])
+    assert results.main([]) == 0
+    assert fake_fetch == ["r2", "r3", "r4"]
+    runs = {run["id"]: run["fetched"] for run in json.loads(Path(project["NODES_FILE"]).read_text())["runs"]}
+    results_dir = Path(project["RESULTS_DIR"])
+    assert runs == {"r1": "/elsewhere/r1", "r2": str(results_dir / "r2"), "r3": str(results_dir / "r3"),
+                    "r4": str(results_dir / "r4"), "r5": False}
+    assert "run r5 is still going, not fetched" in capsys.readouterr().err
+    assert results.main([]) == 0  # again: nothing new, nothing overwritten
+    assert fake_fetch == ["r2", "r3", "r4"]
+    assert "nothing to fetch" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("how", ["RUN_ID", "--run-id"])
+def test_results_of_one_run_by_id(project: dict, fake_fetch: list[str], monkeypatch: pytest.MonkeyPatch,
+                                  how: str) -> None:
+    import results
+
+    write_nodes(project, runs=[run_record("r1", "done"), run_record("r2", "done")])
+    if how == "RUN_ID":
+        monkeypatch.setenv("RUN_ID", "r1")
+    assert results.main(["--run-id", "r1"] if how == "--run-id" else []) == 0
+    assert fake_fetch == ["r1"]
+    with pytest.raises(common.UserError, match=r"already exists: run r1 was fetched before"):
+        results.main(["--run-id", "r1"])
+    with pytest.raises(common.UserError, match=r"RUN_ID=r9: no such run in nodes.json: pick one of r1, r2\."):
+        results.main(["--run-id", "r9"])
+    assert fake_fetch == ["r1"]
+
+
+def test_a_failure_in_a_steps_log_is_named_with_the_log(tmp_path: Path) -> None:
+    log = tmp_path / "setup-1.log"
+    log.write_text('2026-01-01 p=1 u=root n=ansible | TASK [Check the app]\n'
+                   '2026-01-01 p=1 u=root n=ansible | fatal: [33785da822464d87]: FAILED! => '
+                   '{"changed": false, "msg": "/usr/bin/python3 has no torch on 33785da8: set DCGAN_PYTHON. "}\n')
+    assert common.logged_failure(log) == (f"node 33785da8: /usr/bin/python3 has no torch on 33785da8: set DCGAN_PYTHON."
+                                          f" (whole output: {log})")
+    log.write_text("PLAY RECAP\n")
+    assert common.logged_failure(log) == f"its message is in {log}"

@@ -81,7 +81,7 @@ lint: $(STAMP) ## ruff, yamllint and ansible-lint (production profile)
 	$(PY) scripts/lint.py
 
 .PHONY: bench
-bench: $(STAMP) ## time every step for 2, 4 and 8 local nodes into bench/results.md (root)
+bench: $(STAMP) ## time every step and its floor for 2, 4, 8 and 16 local nodes into bench/results.md (root)
 	$(PY) scripts/bench.py
 
 .PHONY: clean

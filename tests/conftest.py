@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import common  # noqa: E402
+from ec2_emulator import Ec2Emulator, ec2_emulator  # noqa: E402
 from local_hosts import LocalHosts  # noqa: E402
 
 PLAYBOOKS = ROOT / "clap_config" / "roles" / "roles"
@@ -90,6 +91,15 @@ def hosts(tmp_path_factory: pytest.TempPathFactory, ssh_key: Path) -> Iterator[l
     finally:
         cluster.destroy()
         assert leftovers(subnet_tag(250)) == []
+
+
+@pytest.fixture(scope="module")
+def emulator() -> Iterator[Ec2Emulator]:
+    """The EC2 emulator on loopback, in a network namespace of its own, for a module of tests."""
+    need_root()
+    pytest.importorskip("moto.server", reason="moto[server] is not installed")
+    with ec2_emulator() as emu:
+        yield emu
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, clap_checkout, leftovers, need_root, subnet, subnet_tag
-from ec2_emulator import Ec2Emulator, ec2_emulator
+from ec2_emulator import Ec2Emulator
 from local_hosts import LocalHosts
 from test_aws_steps import instances, prepare_aws
 from test_aws_steps import make as make_aws
@@ -119,14 +119,6 @@ def test_sweep_records_a_killed_point_and_a_rerun_redoes_only_it(env: dict) -> N
     assert last.returncode == 0 and "point 1 of" not in last.stdout
     assert sorted(p.name for p in Path(env["RESULTS_DIR"]).iterdir()) == fetched  # no new run
     assert not Path(env["NODES_FILE"]).exists()
-
-
-@pytest.fixture(scope="module")
-def emulator() -> Iterator[Ec2Emulator]:
-    need_root()
-    pytest.importorskip("moto.server", reason="moto[server] is not installed")
-    with ec2_emulator() as emu:
-        yield emu
 
 
 @pytest.fixture

@@ -207,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
                 finally:
                     subprocess.run([sys.executable, str(common.ROOT / "scripts" / "down.py")], env=env,
                                    capture_output=True)
+                    settings = common.load_settings(env)
+                    LocalHosts(settings.local_dir, settings.local_subnet).destroy()  # what a failed `down` left
             medians[nodes] = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(table(medians, args.repeat))

@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
+import os
 import random
 import struct
 import sys
@@ -34,6 +36,8 @@ SIDE = 32
 PIXELS = SIDE * SIDE
 ROW_BYTES = 3 * PIXELS  # 3072, as in the real data rows
 TRAIN_BATCHES = 5
+# Batches this large are painted on every core (a pool costs more than a few images).
+PARALLEL_FROM = 256
 LABEL_NAMES = [
     "airplane",
     "automobile",
@@ -226,12 +230,12 @@ def _hsv(hue: float, sat: float, val: float) -> tuple[float, float, float]:
     return [(val, t, p), (q, val, p), (p, val, t), (p, q, val), (t, p, val), (val, p, q)][i]
 
 
-def _coverage(label: int, u: float, v: float, size: float, angle: float) -> float:
-    """How much of pixel (u, v) (centred on the shape) the class's shape covers.
+def _coverage(label: int, u: float, v: float, size: float, cos_a: float, sin_a: float) -> float:
+    """How much of pixel (u, v) (centred on the shape, turned by the angle of cos_a, sin_a) the
+    class's shape covers.
 
     Soft edges (a one-pixel ramp) keep the images smooth rather than aliased.
     """
-    cos_a, sin_a = math.cos(angle), math.sin(angle)
     x, y = u * cos_a + v * sin_a, -u * sin_a + v * cos_a
     r = math.hypot(x, y)
     if label == 0:  # disc
@@ -257,39 +261,52 @@ def _coverage(label: int, u: float, v: float, size: float, angle: float) -> floa
     return min(1.0, max(0.0, 0.5 - d))
 
 
-def _render(label: int, rng: random.Random) -> bytes:
-    """One image as a CIFAR row: 1024 R bytes, then 1024 G, then 1024 B."""
+def _draw(label: int, rng: random.Random) -> tuple:
+    """The random look of one image, drawn from the batch's stream in a fixed order."""
     hue = (label / 10.0 + rng.uniform(-0.03, 0.03)) % 1.0
     fg = _hsv(hue, rng.uniform(0.6, 0.95), rng.uniform(0.75, 1.0))
     bg_hue = (hue + 0.5 + rng.uniform(-0.1, 0.1)) % 1.0
     bg_a = _hsv(bg_hue, rng.uniform(0.2, 0.5), rng.uniform(0.15, 0.45))
     bg_b = _hsv(bg_hue, rng.uniform(0.2, 0.5), rng.uniform(0.45, 0.8))
     grad = rng.uniform(0.0, 2.0 * math.pi)
-    gx, gy = math.cos(grad), math.sin(grad)
     cx = SIDE / 2 + rng.uniform(-5.0, 5.0)
     cy = SIDE / 2 + rng.uniform(-5.0, 5.0)
     size = rng.uniform(6.0, 10.0)
     angle = rng.uniform(0.0, 2.0 * math.pi)
+    return label, fg, bg_a, bg_b, grad, cx, cy, size, angle
 
-    planes = (bytearray(PIXELS), bytearray(PIXELS), bytearray(PIXELS))
+
+def _paint(look: tuple) -> bytes:
+    """One image as a CIFAR row: 1024 R bytes, then 1024 G, then 1024 B."""
+    label, fg, bg_a, bg_b, grad, cx, cy, size, angle = look
+    gx, gy = math.cos(grad), math.sin(grad)
+    cos_a, sin_a = math.cos(angle), math.sin(angle)
+    red, green, blue = bytearray(PIXELS), bytearray(PIXELS), bytearray(PIXELS)
+    channels = tuple(zip((red, green, blue), bg_a, bg_b, fg, strict=True))
+    along_x = [(px - SIDE / 2) * gx for px in range(SIDE)]
     for py in range(SIDE):
+        along_y = (py - SIDE / 2) * gy
         for px in range(SIDE):
             # Background gradient position in 0..1 along a random direction.
-            t = 0.5 + ((px - SIDE / 2) * gx + (py - SIDE / 2) * gy) / (SIDE * 1.42)
-            a = _coverage(label, px + 0.5 - cx, py + 0.5 - cy, size, angle)
+            t = 0.5 + (along_x[px] + along_y) / (SIDE * 1.42)
+            a = _coverage(label, px + 0.5 - cx, py + 0.5 - cy, size, cos_a, sin_a)
             # Light falls off from the shape centre, giving it some shading.
             shade = 1.0 - 0.25 * min(1.0, math.hypot(px - cx, py - cy) / (size * 1.5))
             index = py * SIDE + px
-            for channel in range(3):
-                back = bg_a[channel] * (1 - t) + bg_b[channel] * t
-                value = back * (1 - a) + fg[channel] * shade * a
-                planes[channel][index] = min(255, max(0, int(value * 255.0 + 0.5)))
-    return bytes(planes[0] + planes[1] + planes[2])
+            for plane, back_a, back_b, front in channels:
+                value = (back_a * (1 - t) + back_b * t) * (1 - a) + front * shade * a
+                plane[index] = min(255, max(0, int(value * 255.0 + 0.5)))
+    return bytes(red + green + blue)
 
 
 def _batch(count: int, rng: random.Random, batch_label: str, first_index: int) -> bytes:
     labels = [rng.randrange(10) for _ in range(count)]
-    rows = b"".join(_render(label, rng) for label in labels)
+    looks = [_draw(label, rng) for label in labels]  # in order: the stream decides every byte
+    if count >= PARALLEL_FROM and (os.cpu_count() or 1) > 1:
+        with multiprocessing.get_context("fork").Pool() as pool:  # pure-Python pixels: one core each
+            rows = b"".join(pool.map(_paint, looks, chunksize=32))
+    else:
+        rows = b"".join(map(_paint, looks))
     filenames = [
         _Py2Str(f"synthetic_{LABEL_NAMES[label]}_s_{first_index + n:06d}.png".encode())
         for n, label in enumerate(labels)

@@ -7,9 +7,11 @@ median of --repeat rounds. Floors, measured in the same round as the step:
     inventory CLAP builds, with the same Ansible settings;
   - run: the rank commands `DRY_RUN=1 make run` prints, started at the same moment
     straight inside each host's namespace (no SSH, Ansible, CLAP or watchdog).
-While `make run` trains, the CPU seconds of every process on the hosts are sampled
-from /proc: the machinery (watchdogs, sshd sessions, Ansible modules) against the
-training's own (torchrun and the app). Writes bench/results.md.
+While `make run` trains, the CPU seconds of every process on the hosts and of `make run`
+itself are sampled from /proc: the machinery (watchdogs, sshd sessions and Ansible modules
+on the hosts; the scripts, CLAP, ansible-playbook and ssh here) against the training's own
+(torchrun and the app). Last, `make all` as a user types it, on the smallest node count.
+Writes bench/results.md.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import common
@@ -91,14 +95,15 @@ def hosts_of(settings: common.Settings) -> list:
 
 
 class CpuDuringTraining(threading.Thread):
-    """CPU seconds on the hosts between the first iteration of every rank and the last epoch's end,
-    split into the training's processes and everything else (the machinery)."""
+    """CPU seconds between the first iteration of every rank and the last epoch's end, split into
+    the training's processes, the rest on the hosts (watchdogs, sshd sessions, Ansible modules) and
+    the processes of `make run` on this machine (the scripts, CLAP, ansible-playbook, ssh)."""
 
     def __init__(self, settings: common.Settings) -> None:
         super().__init__(daemon=True)
         self.settings, self.done = settings, threading.Event()
-        self.first: dict[int, tuple[bool, float]] | None = None
-        self.last: dict[int, tuple[bool, float]] | None = None
+        self.first: dict[int, tuple[str, float]] | None = None
+        self.last: dict[int, tuple[str, float]] | None = None
 
     def run(self) -> None:
         namespaces = {os.stat(f"/run/netns/{host.namespace}").st_ino for host in hosts_of(self.settings)}
@@ -112,37 +117,49 @@ class CpuDuringTraining(threading.Thread):
                 continue  # not every rank trains yet
             if any(len(log.epoch_times) == self.settings.epochs for log in logs.values()):
                 continue  # a rank is done: what follows is the end, not training
-            sample = host_processes(namespaces)
+            sample = processes(namespaces)
             self.first = self.first or sample
             self.last = sample
 
-    def seconds(self) -> tuple[float, float]:
-        """(machinery, training) CPU seconds between the first and the last sample."""
+    def seconds(self) -> dict[str, float]:
+        """CPU seconds of each kind of process between the first and the last sample."""
         self.done.set()
         self.join()
         if not self.first or self.first is self.last:
             raise SystemExit("bench: the run trained too briefly to sample its CPU: raise SYNTHETIC_IMAGES.")
-        used = {True: 0.0, False: 0.0}
-        for pid, (training, cpu) in self.last.items():
-            used[training] += cpu - self.first.get(pid, (training, 0.0))[1]
-        return used[False], used[True]
+        used = dict.fromkeys(KINDS, 0.0)
+        for pid, (kind, cpu) in self.last.items():
+            used[kind] += cpu - self.first.get(pid, (kind, 0.0))[1]
+        return used
 
 
-def host_processes(namespaces: set[int]) -> dict[int, tuple[bool, float]]:
-    """Every process in those network namespaces: pid -> (is it the training's, CPU seconds so far,
-    with those of its children already reaped, as the short-lived ones are)."""
-    found = {}
+KINDS = ("training", "machinery on the hosts", "make run on this machine")
+
+
+def processes(namespaces: set[int]) -> dict[int, tuple[str, float]]:
+    """The processes in those network namespaces and those this bench started: pid -> (their kind,
+    CPU seconds so far, with those of their children already reaped, as the short-lived ones are)."""
+    found, parents = {}, {}
     for proc in Path("/proc").glob("[0-9]*"):
         try:
-            if os.stat(proc / "ns" / "net").st_ino not in namespaces:
-                continue
+            in_hosts = os.stat(proc / "ns" / "net").st_ino in namespaces
             fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
             command = (proc / "cmdline").read_bytes().decode(errors="replace")
         except OSError:
             continue  # gone meanwhile
-        found[int(proc.name)] = (any(marker in command for marker in RANK_MARKERS),
-                                 sum(int(value) for value in fields[11:15]) / TICKS)
-    return found
+        pid = int(proc.name)
+        parents[pid] = int(fields[1])
+        kind = (KINDS[0] if any(marker in command for marker in RANK_MARKERS) else KINDS[1]) if in_hosts else KINDS[2]
+        found[pid] = (kind, sum(int(value) for value in fields[11:15]) / TICKS)
+    return {pid: entry for pid, entry in found.items() if entry[0] != KINDS[2] or started_here(pid, parents)}
+
+
+def started_here(pid: int, parents: dict[int, int]) -> bool:
+    """A descendant of this bench, not the bench itself (its own sampling is not `make run`'s)."""
+    ancestor = parents.get(pid)
+    while ancestor is not None and ancestor != os.getpid():
+        ancestor = parents.get(ancestor)
+    return ancestor is not None
 
 
 def one_round(nodes: int, base_env: dict[str, str], work: Path) -> dict[str, float]:
@@ -158,9 +175,11 @@ def one_round(nodes: int, base_env: dict[str, str], work: Path) -> dict[str, flo
     cpu.start()
     times["run"] = step("run", env)
     times["run / floor"] = times["run"] / times["floor: run"]
-    machinery, training = cpu.seconds()
-    times["CPU s on the hosts: machinery"], times["CPU s on the hosts: training"] = machinery, training
-    times["machinery / training CPU %"] = 100 * machinery / training
+    used = cpu.seconds()
+    for kind in KINDS:
+        times[f"CPU s during training: {kind}"] = used[kind]
+    times["machinery on the hosts / training CPU %"] = 100 * used[KINDS[1]] / used[KINDS[0]]
+    times["all machinery / training CPU %"] = 100 * (used[KINDS[1]] + used[KINDS[2]]) / used[KINDS[0]]
     state = common.read_state(settings)
     run_id = state["runs"][-1]["id"]
     run_dir = Path(common.run_folder(settings, run_id))
@@ -202,18 +221,36 @@ def main(argv: list[str] | None = None) -> int:
             rounds = []
             for number in range(args.repeat):
                 print(f"bench: {nodes} nodes, round {number + 1}/{args.repeat}", flush=True)
-                try:
+                with cleaned_up(env):
                     rounds.append(one_round(nodes, env, work))
-                finally:
-                    subprocess.run([sys.executable, str(common.ROOT / "scripts" / "down.py")], env=env,
-                                   capture_output=True)
-                    settings = common.load_settings(env)
-                    LocalHosts(settings.local_dir, settings.local_subnet).destroy()  # what a failed `down` left
             medians[nodes] = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+        whole = make_all(min(args.nodes), args.repeat, env)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table(medians, args.repeat))
+    args.out.write_text(table(medians, args.repeat) + whole)
     print(args.out.read_text())
     return 0
+
+
+@contextmanager
+def cleaned_up(env: dict[str, str]) -> Iterator[None]:
+    """Whatever happens inside, no node of the bench is left running."""
+    try:
+        yield
+    finally:
+        subprocess.run([sys.executable, str(common.ROOT / "scripts" / "down.py")], env=env, capture_output=True)
+        settings = common.load_settings(env)
+        LocalHosts(settings.local_dir, settings.local_subnet).destroy()  # what a failed `down` left
+
+
+def make_all(nodes: int, repeat: int, env: dict[str, str]) -> str:
+    """`make all` as a user types it, on the synthetic set the rounds made (the venv and data warm)."""
+    seconds = []
+    for number in range(repeat):
+        print(f"bench: make all on {nodes} nodes, {number + 1}/{repeat}", flush=True)
+        with cleaned_up(env):
+            seconds.append(timed(["make", "-s", "-C", str(common.ROOT), "all"], {**env, "NODES": str(nodes)}))
+    return (f"\n`make all` on {nodes} nodes (up, setup, run, results, down): median {statistics.median(seconds):.2f} s "
+            f"of {repeat} ({', '.join(f'{s:.2f}' for s in seconds)}).\n")
 
 
 def table(medians: dict[int, dict[str, float]], repeat: int) -> str:

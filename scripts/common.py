@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -467,6 +468,7 @@ def ansible_env(settings: Settings, state: dict | None = None) -> dict[str, str]
     """Ansible settings for the cluster; they reach CLAP's runs through the environment."""
     bin_dir = str(Path(sys.executable).parent)  # ansible-runner runs the `ansible-playbook` on PATH
     return {
+        "ANSIBLE_CONFIG": str(ROOT / "clap_config" / "ansible.cfg"),
         "ANSIBLE_PIPELINING": "True",
         "ANSIBLE_SSH_ARGS": (
             # A node silent for 15 s is unreachable: a failed run is reported, not waited on.
@@ -532,12 +534,18 @@ def role_vars(settings: Settings, state: dict, action: str, run_id: str = "") ->
     raise ValueError(action)
 
 
-@contextmanager
-def ansible_log(settings: Settings, step: str) -> Iterator[Path]:
-    """Ansible's whole output of a step goes to a log kept with the cluster's state (the screen gets
-    one line per step; VERBOSE=1 streams it too): Ansible's own ANSIBLE_LOG_PATH, read by each run."""
+def step_log(settings: Settings, step: str) -> Path:
+    """Where the whole output of a step goes: a log kept with the cluster's state."""
     path = settings.clap_path / "storage" / "logs" / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}.log"
     path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextmanager
+def ansible_log(settings: Settings, step: str) -> Iterator[Path]:
+    """Ansible's whole output of a step goes to its log (the screen gets one line per step; VERBOSE=1
+    streams it too): Ansible's own ANSIBLE_LOG_PATH, read by each run."""
+    path = step_log(settings, step)
     before = os.environ.get("ANSIBLE_LOG_PATH")
     os.environ["ANSIBLE_LOG_PATH"] = str(path)
     try:
@@ -547,6 +555,45 @@ def ansible_log(settings: Settings, step: str) -> Iterator[Path]:
             os.environ.pop("ANSIBLE_LOG_PATH", None)
         else:
             os.environ["ANSIBLE_LOG_PATH"] = before
+
+
+@contextmanager
+def clap_quietly(settings: Settings, step: str, doing: str, then: str) -> Iterator[Path | None]:
+    """CLAP's AWS provider prints the whole play of its own playbooks (start, tag, stop): unless
+    VERBOSE=1, all that CLAP prints goes to the step's log (yielded; None when it streams). A failure
+    inside is one sentence that names the output."""
+    log = None if settings.verbose else step_log(settings, step)
+    with output_to(log):
+        try:
+            yield log
+        except (UserError, KeyboardInterrupt):
+            raise
+        except Exception as error:
+            traceback.print_exc()  # into the log
+            raise UserError(f"CLAP could not {doing}: {error or type(error).__name__} (whole output: "
+                            f"{log or 'above'}); {then}.") from error
+
+
+@contextmanager
+def output_to(log: Path | None) -> Iterator[None]:
+    """This process's stdout and stderr, and its children's, appended to log (None: left alone)."""
+    if log is None:
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    screen = os.dup(1), os.dup(2)
+    with open(log, "ab") as sink:  # the descriptors, not sys.stdout: Ansible's children write to them too
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, saved in zip((1, 2), screen, strict=True):
+            os.dup2(saved, fd)
+            os.close(saved)
 
 
 def play(settings: Settings, handles: Clap, state: dict, action: str, run_id: str = "") -> Any:

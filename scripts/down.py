@@ -34,10 +34,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if ids:
             common.say(f"stopping {len(ids)} nodes")
-            stopped = set(handles.node_manager.stop_nodes(ids))
+            with common.clap_quietly(settings, "down", "stop the nodes",
+                                     "they stay recorded: run `make down` again") as log:
+                stopped = set(handles.node_manager.stop_nodes(ids))
             left = [node_id[:8] for node_id in ids if node_id not in stopped]
             if left and settings.provider != "aws":
-                raise UserError(f"nodes {', '.join(left)} did not stop (see above); they stay in "
+                raise UserError(f"nodes {', '.join(left)} did not stop (see {log or 'above'}); they stay in "
                                 f"{settings.nodes_file.name}: run `make down` again.")
         if settings.provider == "aws":
             # By tag: CLAP keeps no record of an instance its start lost, nor stops one already stopping.

@@ -46,16 +46,18 @@ def main(argv: list[str] | None = None) -> int:
                            f"MAX_HOURS={settings.max_hours:g} h")
         common.write_state(settings, state)  # the cluster id, before anything starts
         with common.recording(settings, state, "up"):
-            ids = handles.node_manager.start_node(template, count=count)
-            nodes = {node.node_id: node for node in handles.node_manager.get_nodes_by_id(ids)}
-            state["nodes"] += [
-                {"id": node_id, "rank": rank, "name": nodes[node_id].nickname, "address": nodes[node_id].ip,
-                 "private_address": nodes[node_id].extra.get("private_ip") or nodes[node_id].ip,
-                 "cloud_id": nodes[node_id].cloud_instance_id}
-                for rank, node_id in enumerate(ids, start=first)
-            ]
-            common.write_state(settings, state)  # recorded before anything else can fail
-            handles.node_manager.add_tags(ids, common.cluster_tags(state))
+            with common.clap_quietly(settings, "up", "start the nodes",
+                                     "`make down` stops any node that started"):
+                ids = handles.node_manager.start_node(template, count=count)
+                nodes = {node.node_id: node for node in handles.node_manager.get_nodes_by_id(ids)}
+                state["nodes"] += [
+                    {"id": node_id, "rank": rank, "name": nodes[node_id].nickname, "address": nodes[node_id].ip,
+                     "private_address": nodes[node_id].extra.get("private_ip") or nodes[node_id].ip,
+                     "cloud_id": nodes[node_id].cloud_instance_id}
+                    for rank, node_id in enumerate(ids, start=first)
+                ]
+                common.write_state(settings, state)  # recorded before anything else can fail
+                handles.node_manager.add_tags(ids, common.cluster_tags(state))
             if settings.provider == "aws":
                 common.adopt_instances(settings, state, [node["cloud_id"] for node in state["nodes"][first:]])
             if settings.connection_tries > 0:

@@ -141,6 +141,7 @@ def test_up_status_down_tags_and_terminates(aws_env: dict, emulator: Ec2Emulator
     up = make(emulator, aws_env, "up")
     assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-2000:]
     assert "expected cost: $0.0928 per hour" in up.stdout  # 2 x t2.medium, clap_config/prices.yaml
+    assert_one_voice(up, aws_env, "up")
     cluster = json.loads(Path(aws_env["NODES_FILE"]).read_text())["cluster_id"]
     ours = [i for i in instances(emulator) if i["tags"].get("ClapClusterId") == cluster]
     assert len(ours) == 2
@@ -162,11 +163,34 @@ def test_up_status_down_tags_and_terminates(aws_env: dict, emulator: Ec2Emulator
 
     down = make(emulator, aws_env, "down")
     assert down.returncode == 0, down.stderr
+    assert_one_voice(down, aws_env, "down")
     assert not Path(aws_env["NODES_FILE"]).exists()
     assert known_hosts.read_text().split("\n")[0].startswith("192.0.2.7 ")  # another host's key stays
     assert not any(address in known_hosts.read_text() for address in addresses)
     assert [i for i in instances(emulator) if i["tags"].get("ClapClusterId") == cluster] == []
     assert {i["id"] for i in ours} <= {i["id"] for i in instances(emulator, ("terminated",))}
+
+
+def assert_one_voice(done: subprocess.CompletedProcess, env: dict, step: str) -> None:
+    """CLAP's own start, tag and stop playbooks print nothing on screen: they are in the step's log."""
+    assert "PLAY [" not in done.stdout + done.stderr and "TASK [" not in done.stdout + done.stderr, done.stdout
+    logs = sorted((Path(env["CLAP_PATH"]) / "storage" / "logs").glob(f"{step}-*.log"))
+    assert logs and "PLAY [" in logs[-1].read_text(), logs
+
+
+def test_a_failed_clap_start_is_one_sentence_naming_its_log(aws_env: dict, emulator: Ec2Emulator) -> None:
+    """EC2 refuses the launch inside CLAP's own playbook (a key pair it does not know)."""
+    aws_env["CLAP"] = str(clap_checkout())
+    up = make(emulator, {**aws_env, "KEYPAIR_NAME": "no-such-key-pair"}, "up")
+    assert up.returncode != 0
+    lines = [line for line in up.stderr.splitlines() if line.strip() and not re.match(r"make(\[\d+\])?: ", line)]
+    assert len(lines) == 1 and "Traceback" not in up.stdout + up.stderr, up.stderr
+    assert lines[0].startswith("error: CLAP could not start the nodes: ")
+    assert lines[0].endswith("; `make down` stops any node that started."), lines[0]
+    log = Path(re.search(r"\(whole output: (\S+)\)", lines[0])[1])
+    assert "PLAY [" in log.read_text() and "PLAY [" not in up.stdout + up.stderr
+    assert instances(emulator) == []
+    assert json.loads(Path(aws_env["NODES_FILE"]).read_text())["steps"]["up"]["state"] == "failed"
 
 
 def test_orphans_are_found_by_tag_when_every_record_is_lost(aws_env: dict, emulator: Ec2Emulator) -> None:

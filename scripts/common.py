@@ -617,7 +617,7 @@ def logged_failure(log: Path) -> str:
         except ValueError:
             continue
         words = (res.get("stderr") or res.get("msg") or "").strip().splitlines()
-        return f"node {where.rpartition('[')[2][:8]}: {words[-1] if words else 'failed'} (whole output: {log})"
+        return f"node {short_id(where.rpartition('[')[2])}: {words[-1] if words else 'failed'} (whole output: {log})"
     return f"its message is in {log}"
 
 
@@ -638,7 +638,7 @@ def playbook_failure(result: Any, state: dict) -> str:
                 message = (res.get("stderr") or res.get("msg") or "").strip().splitlines()
                 message = message[-1] if message else event["event"]
                 break
-        failures.append(f"node {host[:8]} (rank {ranks.get(host, '?')}): {message}")
+        failures.append(f"node {short_id(host)} (rank {ranks.get(host, '?')}): {message}")
     what = "; ".join(failures) or f"ansible-playbook exited with {result.ret_code}"
     return f"{what} (whole output: {result.log_file})"
 

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
             with common.clap_quietly(settings, "down", "stop the nodes",
                                      "they stay recorded: run `make down` again") as log:
                 stopped = set(handles.node_manager.stop_nodes(ids))
-            left = [node_id[:8] for node_id in ids if node_id not in stopped]
+            left = [common.short_id(node_id) for node_id in ids if node_id not in stopped]
             if left and settings.provider != "aws":
                 raise UserError(f"nodes {', '.join(left)} did not stop (see {log or 'above'}); they stay in "
                                 f"{settings.nodes_file.name}: run `make down` again.")

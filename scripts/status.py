@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cluster {state['cluster_id']}  provider {state['provider']}  {state['instance_type']}  "
           f"up {age / 60:.0f} min")
     for node in state["nodes"]:
-        print(f"  rank {node['rank']}  {node['id'][:8]}  {node['address']:15}  "
+        print(f"  rank {node['rank']}  {common.short_id(node['id'])}  {node['address']:15}  "
               f"{'alive' if alive[node['id']] else 'GONE'}")
     if state.get("sweep"):
         sweep = state["sweep"]
@@ -88,7 +88,7 @@ def report_records(settings: common.Settings, state: dict | None) -> int:
     alive = common.nodes_alive(handles, ids)
     print(f"{settings.nodes_file.name} lists no nodes, but CLAP's records hold {len(ids)} of this project:")
     for node in handles.node_manager.get_nodes_by_id(ids):
-        print(f"  {node.node_id[:8]}  {node.ip or '-':15}  {'alive' if alive[node.node_id] else 'gone'}  "
+        print(f"  {common.short_id(node.node_id)}  {node.ip or '-':15}  {'alive' if alive[node.node_id] else 'gone'}  "
               f"cluster {node.tags.get('cluster', '?')}")
     print("`make down` stops them.")
     return 1

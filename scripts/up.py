@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                 common.adopt_instances(settings, state, [node["cloud_id"] for node in state["nodes"][first:]])
             if settings.connection_tries > 0:
                 dead = common.wait_for_ssh(settings, handles, state, ids)
-                names = ", ".join(node_id[:8] for node_id in dead)
+                names = ", ".join(map(common.short_id, dead))
                 if dead and settings.provider == "aws":
                     common.terminate_nodes(settings, handles, state, dead)  # a node that never answers is only a bill
                     left = len(state["nodes"])
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                     raise UserError(f"nodes {names} do not answer SSH after {settings.connection_tries} "
                                     f"tries: they are recorded; `make down` stops them.")
     for node in state["nodes"]:
-        common.say(f"rank {node['rank']}: node {node['id'][:8]} at {node['address']}")
+        common.say(f"rank {node['rank']}: node {common.short_id(node['id'])} at {node['address']}")
     common.say(f"{settings.nodes} nodes up in {state['steps']['up']['seconds']:.1f} s; next: make setup")
     return 0
 
@@ -103,7 +103,7 @@ def already_up(settings: common.Settings, state: dict) -> None:
                             f"nodes, or `make down` first.")
         common.say(f"growing cluster {state['cluster_id']} from {len(alive)} to {settings.nodes} nodes")
         return
-    dead = ", ".join(node_id[:8] for node_id, ok in alive.items() if not ok)
+    dead = ", ".join(common.short_id(node_id) for node_id, ok in alive.items() if not ok)
     raise UserError(f"{settings.nodes_file.name} lists nodes that are gone ({dead}): run `make down`, "
                     f"then `make up`.")
 

@@ -9,7 +9,7 @@ VENV ?= .venv#            where the Python environment lives: make deps VENV=/op
 PYTHON ?= python3#        the Python that makes the venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stamp
-CLAP_SOURCE := CLAP/app/cli/modules/node.py
+CLAP_SOURCE := $(or $(CLAP),CLAP)/app/cli/modules/node.py
 PYTEST_ARGS ?=#           e.g. make test PYTEST_ARGS='-k role -x'
 RUN ?=#                   the fetched run `make report` reads (default: the newest)
 
@@ -67,7 +67,7 @@ $(STAMP): requirements.txt requirements-local.txt requirements-dev.txt | $(CLAP_
 	$(PY) -m pip install -q -r requirements.txt -r requirements-local.txt -r requirements-dev.txt
 	touch $@
 
-# An empty CLAP submodule is filled on every make until it is (unless CLAP= points elsewhere).
+# An empty CLAP submodule is filled on every make until it is; a CLAP= checkout is left as it is.
 $(CLAP_SOURCE):
 	@$(PYTHON) scripts/clap_source.py fill
 

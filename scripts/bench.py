@@ -26,7 +26,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -68,13 +68,16 @@ def floor(settings: common.Settings, state: dict, action: str, run_id: str, work
                  {**os.environ, **common.ansible_env(settings, state)})
 
 
-def floor_run(settings: common.Settings, state: dict) -> float:
-    """The rank commands of a run, started together straight inside each host's namespace."""
+def floor_run(settings: common.Settings, state: dict) -> tuple[float, dict[str, float]]:
+    """The rank commands of a run, started together straight inside each host's namespace;
+    sampled as `make run` is, so the sampling costs the same in both."""
     run_id = f"floor-{len(state['nodes'])}-{time.monotonic_ns()}"
     extra = common.role_vars(settings, state, "run", run_id)
     folder = Path(common.run_folder(settings, run_id))
     folder.mkdir(parents=True)
     namespaces = {host.address: host.namespace for host in hosts_of(settings)}
+    cpu = CpuDuringTraining(settings, lambda: folder)
+    cpu.start()
     started = time.monotonic()
     ranks = []
     for node, per_node in zip(state["nodes"], common.node_vars(state).values(), strict=True):
@@ -86,8 +89,15 @@ def floor_run(settings: common.Settings, state: dict) -> float:
     took = time.monotonic() - started
     if any(codes):
         raise SystemExit(f"bench: the floor's ranks exited with {codes}: see {folder}")
+    used = cpu.seconds()
     shutil.rmtree(folder)
-    return took
+    return took, used
+
+
+def running_folder(settings: common.Settings) -> Path | None:
+    """The folder of the run `make run` is training, once nodes.json records it."""
+    runs = (common.read_state(settings) or {}).get("runs") or []
+    return Path(common.run_folder(settings, runs[-1]["id"])) if runs and runs[-1]["state"] == "running" else None
 
 
 def hosts_of(settings: common.Settings) -> list:
@@ -99,21 +109,21 @@ class CpuDuringTraining(threading.Thread):
     the training's processes, the rest on the hosts (watchdogs, sshd sessions, Ansible modules) and
     the processes of `make run` on this machine (the scripts, CLAP, ansible-playbook, ssh)."""
 
-    def __init__(self, settings: common.Settings) -> None:
+    def __init__(self, settings: common.Settings, folder: Callable[[], Path | None]) -> None:
         super().__init__(daemon=True)
-        self.settings, self.done = settings, threading.Event()
+        self.settings, self.folder, self.done = settings, folder, threading.Event()
         self.first: dict[int, tuple[str, float]] | None = None
         self.last: dict[int, tuple[str, float]] | None = None
 
     def run(self) -> None:
         namespaces = {os.stat(f"/run/netns/{host.namespace}").st_ino for host in hosts_of(self.settings)}
+        ranks = len(common.read_state(self.settings)["nodes"])
         while not self.done.wait(0.5):
-            state = common.read_state(self.settings)
-            runs = (state or {}).get("runs") or []
-            if not runs or runs[-1]["state"] != "running":
+            folder = self.folder()
+            if folder is None:
                 continue
-            logs = dcgan_logs.parse_run_folder(Path(common.run_folder(self.settings, runs[-1]["id"])))
-            if len(logs) < len(state["nodes"]) or not all(log.iterations for log in logs.values()):
+            logs = dcgan_logs.parse_run_folder(folder)
+            if len(logs) < ranks or not all(log.iterations for log in logs.values()):
                 continue  # not every rank trains yet
             if any(len(log.epoch_times) == self.settings.epochs for log in logs.values()):
                 continue  # a rank is done: what follows is the end, not training
@@ -167,15 +177,16 @@ def one_round(nodes: int, base_env: dict[str, str], work: Path) -> dict[str, flo
     settings = common.load_settings(env)
     times = {"up": step("up", env), "setup": step("setup", env)}
     state = common.read_state(settings)
-    times["floor: run"] = floor_run(settings, state)
+    times["floor: run"], floor_cpu = floor_run(settings, state)
     # Then as a user goes on: setup again and `make run` right after it (SSH connections still open).
     times["setup again"] = step("setup", env)
     times["floor: setup again"] = floor(settings, state, "setup", "", work)
-    cpu = CpuDuringTraining(settings)
+    cpu = CpuDuringTraining(settings, lambda: running_folder(settings))
     cpu.start()
     times["run"] = step("run", env)
     times["run / floor"] = times["run"] / times["floor: run"]
     used = cpu.seconds()
+    times["floor: CPU s during training: training"] = floor_cpu[KINDS[0]]
     for kind in KINDS:
         times[f"CPU s during training: {kind}"] = used[kind]
     times["machinery on the hosts / training CPU %"] = 100 * used[KINDS[1]] / used[KINDS[0]]

@@ -90,6 +90,7 @@ class Progress(threading.Thread):
         self.logs = common.RunLogs(settings, state, run_id, handles)
         self.stopped = threading.Event()
         self.sizes: dict[int, tuple[int, float]] = {}  # rank -> (log size, when it last grew)
+        self.shown = ""  # the last report printed
 
     def run(self) -> None:
         while not self.stopped.wait(self.every):
@@ -98,9 +99,10 @@ class Progress(threading.Thread):
     def finish(self, report: bool = True) -> None:
         self.stopped.set()
         if report:
-            self.report()
+            self.join()  # a report under way ends first: the last one shown is then the last one made
+            self.report(only_news=True)
 
-    def report(self) -> None:
+    def report(self, only_news: bool = False) -> None:
         try:
             logs = self.logs.read()
         except (OSError, UserError) as error:  # a missed report is no reason to stop the run
@@ -117,7 +119,11 @@ class Progress(threading.Thread):
             log.rank = rank if log.rank is None else log.rank
             lines.append(dcgan_logs.progress_line(log, now, self.sizes[rank][1], color=sys.stdout.isatty(),
                                                   stall_bound=self.settings.stall_timeout or None))
-        print(f"[{_clock(now)}] " + "\n           ".join(lines), flush=True)
+        shown = "\n           ".join(lines)
+        if only_news and shown == self.shown:
+            return
+        self.shown = shown
+        print(f"[{_clock(now)}] {shown}", flush=True)
 
 
 def _clock(timestamp: float) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 import subprocess
 import sys
@@ -22,8 +23,10 @@ SCRIPTS = ROOT / "scripts"
 DATA = ROOT / "tests" / "data"
 sys.path.insert(0, str(SCRIPTS))
 
+import common  # noqa: E402
 import dcgan_logs  # noqa: E402
 import report  # noqa: E402
+import run  # noqa: E402
 from dcgan_logs import parse_log, parse_run_folder, progress_line, summary  # noqa: E402
 
 # --- builders for upstream-format text ---------------------------------------
@@ -659,3 +662,22 @@ def test_report_before_any_iteration_and_with_a_half_written_png(tmp_path):
     assert [r["status"] for r in data["ranks"]] == ["waiting", "waiting"]
     assert data["training_seconds"] == 0.0 and not data["all_finished"]
     assert png_size(tmp_path / "report.png") == (1500, 1000)
+
+
+def test_the_closing_progress_report_is_not_a_repeat(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A run that ends right after a periodic report shows its final lines once, not twice;
+    a closing report with news in it is shown."""
+    settings = common.load_settings({"ENV_FILE": os.devnull, "EFS_MOUNT_POINT": str(tmp_path),
+                                     "CLAP_PATH": str(tmp_path / "clap")})
+    folder = Path(common.run_folder(settings, "r1"))
+    folder.mkdir(parents=True)
+    log = folder / "output-0.txt"
+    log.write_text(build_log(0, 1, 2, 4, stop=(1, 1))[0])
+    progress = run.Progress(settings, {"nodes": [{"rank": 0}]}, "r1", None, every=3600)
+    progress.start()
+    progress.report()
+    log.write_text(build_log(0, 1, 2, 4)[0])
+    progress.report()
+    progress.finish()
+    reports = [line for line in capsys.readouterr().out.splitlines() if "rank 0" in line]
+    assert len(reports) == 2 and "finished" in reports[1], reports

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
+import threading
+import time
 from pathlib import Path
+from types import ModuleType
 
 import bench
 import common
+
+WATCHDOG = common.ROOT / "clap_config" / "roles" / "roles" / "files" / "rank_watchdog.py"
 
 
 def test_ansible_waits_without_spinning(tmp_path: Path) -> None:
@@ -32,3 +38,29 @@ def test_bench_counts_what_it_started_as_machinery_here() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def load_watchdog() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("rank_watchdog", WATCHDOG)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ranks_start_together_once_every_watchdog_is_up(tmp_path: Path) -> None:
+    """A rank started early would slow the starts of the others on shared cores: each waits for all."""
+    watchdog = load_watchdog()
+    late = threading.Timer(0.5, lambda: [(tmp_path / f".rank-{r}.ready").touch() for r in (1, 2)])
+    late.start()
+    started = time.monotonic()
+    assert watchdog._wait_for_peers(tmp_path, 0, 3, bound=10) == []
+    assert 0.4 < time.monotonic() - started < 3
+
+
+def test_a_missing_peer_delays_the_start_only_by_the_bound(tmp_path: Path) -> None:
+    """A peer that never comes up is not waited for forever: the usual watch (peer timeout) names it."""
+    watchdog = load_watchdog()
+    (tmp_path / ".rank-1.ready").touch()
+    started = time.monotonic()
+    assert watchdog._wait_for_peers(tmp_path, 0, 3, bound=1) == [2]
+    assert 1 <= time.monotonic() - started < 3

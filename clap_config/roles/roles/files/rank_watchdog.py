@@ -12,6 +12,7 @@ and it ends its rank by itself when:
     a deadlock, a stopped process, a dead NFS mount), naming its last line.
 
 Ranks talk through files in the run folder, which is on the shared filesystem:
+  .rank-R.ready the watchdog of rank R is up: every rank starts once all are (see START_TOGETHER_S)
   .rank-R.json  who runs rank R (node, PIDs, command)
   .rank-R.beat  a counter the watchdog bumps every --beat seconds
   .rank-R.exit  the outcome: {"code": N, "reason": "..."}
@@ -49,6 +50,10 @@ PROBE_EVERY_S = 5.0  # how often a rank checks that the master's address answers
 # that peer's watchdog this many beats to end it first, so the outcome names the right rank.
 STALL_GRACE_BEATS = 3
 WAIT_RECHECK_S = 30.0  # a waiting `wait` looks again at least this often, whatever wakes it
+# Ranks wait up to this long for every watchdog to be up, then start together: a rank started
+# early would spend its start-up (seconds of CPU importing torch) slowing the others' starts, on
+# nodes that share cores. A peer still missing then is left to the usual watch (--peer-timeout).
+START_TOGETHER_S = 10.0
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -95,6 +100,10 @@ def _start(args: argparse.Namespace) -> int:
         return 0
     if args.node_state and stop(argparse.Namespace(node_state=args.node_state, keep_run_dir=args.run_dir)) != 0:
         return 1  # a leftover rank would hold the port, and the new run would fail on it
+    missing = _wait_for_peers(args.run_dir, args.rank, args.world, min(START_TOGETHER_S, args.peer_timeout))
+    if missing:
+        print(f"rank {args.rank} starts without ranks {', '.join(map(str, missing))}: not up after "
+              f"{min(START_TOGETHER_S, args.peer_timeout):.0f} s")
     first = os.fork()
     if first:  # the caller (an Ansible task) returns once the rank is recorded
         os.waitpid(first, 0)
@@ -113,6 +122,19 @@ def _start(args: argparse.Namespace) -> int:
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
     os._exit(_watch(args, me))
+
+
+def _wait_for_peers(run_dir: Path, rank: int, world: int, bound: float) -> list[int]:
+    """Say this rank is up, then wait until every rank is, at most bound seconds; the ranks still missing.
+    The folder is listed rather than each file looked up: an NFS client may cache a missing name."""
+    (run_dir / f".rank-{rank}.ready").touch()
+    deadline = time.monotonic() + bound
+    while True:
+        missing = sorted(set(range(world)) - {int(name[6:-6]) for name in os.listdir(run_dir)
+                                               if re.fullmatch(r"\.rank-\d+\.ready", name)})
+        if not missing or time.monotonic() >= deadline:
+            return missing
+        time.sleep(0.05)
 
 
 def rank_environment(master: str, threads: int) -> dict:

@@ -6,9 +6,10 @@ median of --repeat rounds. Floors, measured in the same round as the step:
   - setup and results: the same playbook played directly by `ansible-playbook` on the
     inventory CLAP builds, with the same Ansible settings;
   - run: the rank commands `DRY_RUN=1 make run` prints, started at the same moment
-    straight inside each host's namespace (no SSH, Ansible, CLAP or watchdog).
-While `make run` trains, the CPU seconds of every process on the hosts and of `make run`
-itself are sampled from /proc: the machinery (watchdogs, sshd sessions and Ansible modules
+    straight inside each host's namespace (no SSH, Ansible, CLAP or watchdog), before
+    `make run` in one round and after it in the next.
+While `make run` trains (and its floor, alike), the CPU seconds of every process on the hosts
+and of `make run` itself are sampled from /proc: the machinery (watchdogs, sshd sessions and Ansible modules
 on the hosts; the scripts, CLAP, ansible-playbook and ssh here) against the training's own
 (torchrun and the app). Last, `make all` as a user types it, on the smallest node count.
 Writes bench/results.md.
@@ -172,20 +173,25 @@ def started_here(pid: int, parents: dict[int, int]) -> bool:
     return ancestor is not None
 
 
-def one_round(nodes: int, base_env: dict[str, str], work: Path) -> dict[str, float]:
+def one_round(nodes: int, base_env: dict[str, str], work: Path, floor_first: bool) -> dict[str, float]:
+    """Every step once. The floor of `run` comes before `make run` in one round and after it in the
+    next, so that neither gains from its place (a warmer cache, a quieter machine)."""
     env = {**base_env, "NODES": str(nodes)}
     settings = common.load_settings(env)
     times = {"up": step("up", env), "setup": step("setup", env)}
     state = common.read_state(settings)
-    times["floor: run"], floor_cpu = floor_run(settings, state)
+    if floor_first:
+        times["floor: run"], floor_cpu = floor_run(settings, state)
     # Then as a user goes on: setup again and `make run` right after it (SSH connections still open).
     times["setup again"] = step("setup", env)
     times["floor: setup again"] = floor(settings, state, "setup", "", work)
     cpu = CpuDuringTraining(settings, lambda: running_folder(settings))
     cpu.start()
     times["run"] = step("run", env)
-    times["run / floor"] = times["run"] / times["floor: run"]
     used = cpu.seconds()
+    if not floor_first:
+        times["floor: run"], floor_cpu = floor_run(settings, state)
+    times["run / floor"] = times["run"] / times["floor: run"]
     times["floor: CPU s during training: training"] = floor_cpu[KINDS[0]]
     for kind in KINDS:
         times[f"CPU s during training: {kind}"] = used[kind]
@@ -233,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             for number in range(args.repeat):
                 print(f"bench: {nodes} nodes, round {number + 1}/{args.repeat}", flush=True)
                 with cleaned_up(env):
-                    rounds.append(one_round(nodes, env, work))
+                    rounds.append(one_round(nodes, env, work, floor_first=number % 2 == 0))
             medians[nodes] = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
         whole = make_all(min(args.nodes), args.repeat, env)
     args.out.parent.mkdir(parents=True, exist_ok=True)

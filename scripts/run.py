@@ -30,14 +30,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.nodes is not None and not 1 <= args.nodes <= len(state["nodes"]):
             raise UserError(f"--nodes {args.nodes} must be between 1 and the {len(state['nodes'])} nodes of the "
                             f"cluster: `make up NODES={args.nodes}` first.")
-        # The ranks of this run; nodes.json keeps every node (state is what is written).
-        ranks = {**state, "nodes": state["nodes"][:args.nodes]}
+        run = current_run(state)
+        # The ranks of this run, or of the run re-attached to; nodes.json keeps every node (state is what is written).
+        ranks = {**state, "nodes": state["nodes"][:run.get("nodes") if run else args.nodes]}
         if state.get("steps", {}).get("setup", {}).get("state") != "done":
             raise UserError("the nodes are not set up: run `make setup` before `make run`.")
         if settings.dry_run:
-            common.show_plan(settings, ranks, "run", (current_run(state) or {}).get("id") or new_run_id(state))
+            common.show_plan(settings, ranks, "run", (run or {}).get("id") or new_run_id(state))
             return 0
-        run = current_run(state)
         if run:
             common.say(f"re-attaching to run {run['id']}, going since {_clock(run['started'])}")
         else:

@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
         args = {"node_vars": common.node_vars(state), "extra_args": common.role_vars(settings, state, "setup")}
         with common.recording(settings, state, "setup"):
             assigned = set(handles.role_manager.get_role_nodes(common.ROLE, ids).get("", []))
-            if assigned == set(ids):
+            new = [i for i in ids if i not in assigned]
+            if not new:
                 result = common.play(settings, handles, state, "setup")
                 if not result.ok:
                     raise UserError(f"setup failed: {common.playbook_failure(result, state)}")
@@ -35,12 +36,12 @@ def main(argv: list[str] | None = None) -> int:
                 with common.ansible_log(settings, "setup") as log:
                     try:
                         # a grown cluster: only the new nodes are set up
-                        handles.role_manager.add_role(common.ROLE, [i for i in ids if i not in assigned],
-                                                      quiet=not settings.verbose, **args)
+                        handles.role_manager.add_role(common.ROLE, new, quiet=not settings.verbose, **args)
                     except RoleAssignmentError:
                         raise UserError(f"setup failed: {common.logged_failure(log)}; fix it, then "
                                         f"`make setup` again.") from None
-    common.say(f"setup done on {len(ids)} nodes in {state['steps']['setup']['seconds']:.1f} s; next: make run")
+    played = f"{len(new)} new of {len(ids)}" if 0 < len(new) < len(ids) else f"{len(ids)}"
+    common.say(f"setup done on {played} nodes in {state['steps']['setup']['seconds']:.1f} s; next: make run")
     return 0
 
 

@@ -169,8 +169,15 @@ def run_point(settings: common.Settings, typed: common.Settings, kind: str, size
     state = common.read_state(settings)
     last = state["runs"][-1]
     outcome.update(run_id=last["id"], wall_seconds=last.get("finished", 0) - last["started"])
-    results.main(["--run-id", last["id"]])
-    outcome.update(measure(settings.results_dir / last["id"]))
+    try:
+        fetched = results.main(["--run-id", last["id"]]) == 0
+    except UserError as error:  # recorded like a failed run: the other points still run
+        common.warn(str(error))
+        fetched = False
+    if fetched:
+        outcome.update(measure(settings.results_dir / last["id"]))
+    else:
+        outcome.update(state="failed", reason=outcome.get("reason") or f"run {last['id']} was not fetched")
     hourly = common.hourly_cost(typed, size) if settings.provider == "aws" else None
     if hourly is not None:
         outcome["cost_usd"] = hourly * outcome["wall_seconds"] / 3600

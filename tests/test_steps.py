@@ -309,3 +309,16 @@ def test_a_failure_in_a_steps_log_is_named_with_the_log(tmp_path: Path) -> None:
                                           f" (whole output: {log})")
     log.write_text("PLAY RECAP\n")
     assert common.logged_failure(log) == f"its message is in {log}"
+
+
+def test_a_run_going_on_fewer_nodes_is_re_attached_on_its_own_ranks(project: dict) -> None:
+    """`run.py --nodes 1` (a sweep point) interrupted, then a bare `make run`: it re-attaches to
+    the ranks that run has, not to every node of the cluster."""
+    write_nodes(project, steps={"setup": {"state": "done"}},
+                runs=[{"id": "run-1", "state": "running", "started": 0, "epochs": 2, "nodes": 1, "fetched": False}],
+                nodes=[{"id": f"{rank}" * 32, "rank": rank, "name": f"n{rank}", "address": f"10.0.0.{rank + 2}",
+                        "private_address": f"10.0.0.{rank + 2}"} for rank in (0, 1)])
+    done = step("run", project, DRY_RUN="1")
+    assert done.returncode == 0, done.stderr
+    assert "on rank 0: node 00000000" in done.stdout and "on rank 1:" not in done.stdout
+    assert '"run_id": "run-1"' in done.stdout and "--nnodes 1 --node_rank 0" in done.stdout

@@ -92,6 +92,7 @@ def test_sweep_records_a_killed_point_and_a_rerun_redoes_only_it(env: dict) -> N
         sweep.kill()
     assert sweep.returncode != 0, out[-3000:] + err[-3000:]
     assert "point 2 of 3: 2 type-local nodes" in out
+    assert "setup done on 1 new of 3 nodes" in out  # a grown cluster sets up only its new node
     assert "failed: type-local/2; `make sweep` again redoes them." in out
     folder, record = sweep_record(env)
     states = {key: p["state"] for key, p in record["points"].items()}
@@ -188,3 +189,28 @@ def test_run_on_more_ranks_than_nodes_refuses_and_keeps_nodes_json(project: dict
     assert f"--nodes {ranks} must be between 1 and the 1 nodes of the cluster: `make up NODES={ranks}` first." \
         in done.stderr
     assert json.loads(Path(project["NODES_FILE"]).read_text()) == state
+
+
+def test_a_point_whose_fetch_fails_is_recorded_failed_not_the_end_of_the_sweep(
+        project: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run trained but `make results` failed (a full disk, a lost link): the point is failed,
+    with a reason, and the sweep goes on to its next point instead of stopping there."""
+    import common
+    import sweep
+    from test_steps import write_nodes
+
+    write_nodes(project, steps={"setup": {"state": "done"}},
+                runs=[{"id": "run-1", "state": "done", "started": 0, "finished": 9, "nodes": 1, "fetched": False}])
+    for name, value in {**project, "INSTANCE_TYPE": "type-local", "NODES": "1"}.items():
+        monkeypatch.setenv(name, value)  # run_point sets the last two; monkeypatch puts them back
+    for step in (sweep.up, sweep.setup, sweep.run):
+        monkeypatch.setattr(step, "main", lambda argv: 0)
+
+    def fetch_fails(argv: list[str]) -> int:
+        raise common.UserError("results of run run-1 failed: no space left on device")
+
+    monkeypatch.setattr(sweep.results, "main", fetch_fails)
+    settings = common.load_settings()
+    outcome = sweep.run_point(settings, settings, "type-local", 1, 1, 2)
+    assert outcome["state"] == "failed" and outcome["reason"] == "run run-1 was not fetched"
+    assert outcome["run_id"] == "run-1" and outcome["wall_seconds"] == 9

@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
         ids = common.node_ids(state)
         args = {"node_vars": common.node_vars(state), "extra_args": common.role_vars(settings, state, "setup")}
         with common.recording(settings, state, "setup"):
-            assigned = set(handles.role_manager.get_role_nodes(common.ROLE, ids).get("", []))
+            assigned = set(handles.role_manager.get_role_nodes(common.ROLE, ids).get(common.ROLE, []))
             new = [i for i in ids if i not in assigned]
             if not new:
                 result = common.play(settings, handles, state, "setup")

@@ -34,6 +34,7 @@ from pathlib import Path
 import common
 import dcgan_logs
 from local_hosts import LocalHosts
+from run import current_run
 
 TICKS = os.sysconf("SC_CLK_TCK")
 RANK_MARKERS = ("torch.distributed.run", "dist_dcgan.py")  # the training's processes; the rest is machinery
@@ -97,8 +98,8 @@ def floor_run(settings: common.Settings, state: dict) -> tuple[float, dict[str, 
 
 def running_folder(settings: common.Settings) -> Path | None:
     """The folder of the run `make run` is training, once nodes.json records it."""
-    runs = (common.read_state(settings) or {}).get("runs") or []
-    return Path(common.run_folder(settings, runs[-1]["id"])) if runs and runs[-1]["state"] == "running" else None
+    going = current_run(common.read_state(settings) or {})
+    return Path(common.run_folder(settings, going["id"])) if going else None
 
 
 def hosts_of(settings: common.Settings) -> list:

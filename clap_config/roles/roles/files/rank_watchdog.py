@@ -54,6 +54,7 @@ WAIT_RECHECK_S = 30.0  # a waiting `wait` looks again at least this often, whate
 # early would spend its start-up (seconds of CPU importing torch) slowing the others' starts, on
 # nodes that share cores. A peer still missing then is left to the usual watch (--peer-timeout).
 START_TOGETHER_S = 10.0
+READY = re.compile(r"\.rank-(\d+)\.ready")
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -100,10 +101,10 @@ def _start(args: argparse.Namespace) -> int:
         return 0
     if args.node_state and stop(argparse.Namespace(node_state=args.node_state, keep_run_dir=args.run_dir)) != 0:
         return 1  # a leftover rank would hold the port, and the new run would fail on it
-    missing = _wait_for_peers(args.run_dir, args.rank, args.world, min(START_TOGETHER_S, args.peer_timeout))
+    bound = min(START_TOGETHER_S, args.peer_timeout)
+    missing = _wait_for_peers(args.run_dir, args.rank, args.world, bound)
     if missing:
-        print(f"rank {args.rank} starts without ranks {', '.join(map(str, missing))}: not up after "
-              f"{min(START_TOGETHER_S, args.peer_timeout):.0f} s")
+        print(f"rank {args.rank} starts without ranks {', '.join(map(str, missing))}: not up after {bound:.0f} s")
     first = os.fork()
     if first:  # the caller (an Ansible task) returns once the rank is recorded
         os.waitpid(first, 0)
@@ -130,8 +131,8 @@ def _wait_for_peers(run_dir: Path, rank: int, world: int, bound: float) -> list[
     (run_dir / f".rank-{rank}.ready").touch()
     deadline = time.monotonic() + bound
     while True:
-        missing = sorted(set(range(world)) - {int(name[6:-6]) for name in os.listdir(run_dir)
-                                               if re.fullmatch(r"\.rank-\d+\.ready", name)})
+        ready = {int(found.group(1)) for found in map(READY.fullmatch, os.listdir(run_dir)) if found}
+        missing = sorted(set(range(world)) - ready)
         if not missing or time.monotonic() >= deadline:
             return missing
         time.sleep(0.05)

@@ -7,10 +7,14 @@ alone) and the exit status is non-zero.
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import common
 import down
+import report
 import results
 import run
 import setup
@@ -25,9 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     settings = common.load_settings()
     if settings.dry_run:
         return show_whole_plan(settings)
+    fetched_before = fetched(settings)
     for index, (name, step) in enumerate(STEPS):
         try:
-            status = step.main([])
+            status = step.main(["--no-report"] if step is results else [])
         except UserError as error:
             common.fail(str(error))
             status = 1
@@ -37,7 +42,22 @@ def main(argv: list[str] | None = None) -> int:
                             f"  resume:   make {' '.join(n for n, _ in STEPS[index:])} down\n"
                             f"  or stop:  make down")
             return status
-    return down.main([])
+    # A report needs only the fetched files: drawn while the nodes stop, it adds no time of its own.
+    drawings = {folder: subprocess.Popen([sys.executable, report.__file__, str(folder)], stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, text=True)
+                for folder in fetched(settings) if folder not in fetched_before}
+    status = down.main([])
+    for folder, drawing in drawings.items():
+        print(drawing.communicate()[0], end="")
+        if drawing.returncode != 0:
+            common.warn(f"no report for {folder}; its files are there all the same.")
+    return status
+
+
+def fetched(settings: common.Settings) -> list[Path]:
+    """The folders of the runs nodes.json records as fetched."""
+    runs = (common.read_state(settings) or {}).get("runs") or []
+    return [Path(run["fetched"]) for run in runs if run.get("fetched")]
 
 
 def live_nodes(settings: common.Settings) -> bool:

@@ -38,6 +38,9 @@ from run import current_run
 
 TICKS = os.sysconf("SC_CLK_TCK")
 RANK_MARKERS = ("torch.distributed.run", "dist_dcgan.py")  # the training's processes; the rest is machinery
+# A rank's watchdog (`python3 - start ... -- sh -c <rank command>`) names the rank's command in its own
+# arguments, yet it is machinery.
+WATCHDOG_ARGV = ["python3", "-", "start"]
 
 
 def timed(command: list[str], env: dict[str, str]) -> float:
@@ -161,9 +164,14 @@ def processes(namespaces: set[int]) -> dict[int, tuple[str, float]]:
             continue  # gone meanwhile
         pid = int(proc.name)
         parents[pid] = int(fields[1])
-        kind = (KINDS[0] if any(marker in command for marker in RANK_MARKERS) else KINDS[1]) if in_hosts else KINDS[2]
+        kind = (KINDS[0] if is_training(command) else KINDS[1]) if in_hosts else KINDS[2]
         found[pid] = (kind, sum(int(value) for value in fields[11:15]) / TICKS)
     return {pid: entry for pid, entry in found.items() if entry[0] != KINDS[2] or started_here(pid, parents)}
+
+
+def is_training(command: str) -> bool:
+    """Is this command line (NUL-separated, as /proc gives it) one of the training's processes?"""
+    return any(marker in command for marker in RANK_MARKERS) and command.split("\0")[:3] != WATCHDOG_ARGV
 
 
 def started_here(pid: int, parents: dict[int, int]) -> bool:

@@ -48,6 +48,7 @@ def test_make_all_trains_fetches_and_leaves_nothing(env: dict) -> None:
     runs = list(Path(env["RESULTS_DIR"]).iterdir())
     assert len(runs) == 1
     assert_trained(runs[0], epochs=2)
+    assert (runs[0] / "report.png").is_file() and f"report: wrote {runs[0]}/summary.json" in done.stdout
     assert not Path(env["NODES_FILE"]).exists()
     assert leftovers(subnet_tag(251)) == []
     assert json.loads((Path(env["CLAP_PATH"]) / "storage" / "local" / "hosts.json").read_text()) == []

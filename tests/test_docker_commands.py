@@ -120,7 +120,7 @@ def test_setup_keeps_the_mode_of_an_existing_user_folder(tmp_path: Path) -> None
     """A user_dir made by someone else keeps its mode; a missing one is made 0755."""
     theirs, missing = tmp_path / "theirs", tmp_path / "missing"
     theirs.mkdir(mode=0o700)
-    done = play_setup(tmp_path, "Look for the user folder on the shared filesystem", user_dirs=(theirs, missing))
+    done = play_setup(tmp_path, "Create the user folder when it is missing", user_dirs=(theirs, missing))
     assert done.returncode == 0, done.stdout + done.stderr
     assert theirs.stat().st_mode & 0o777 == 0o700
     assert missing.stat().st_mode & 0o777 == 0o755

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from types import ModuleType
 
+import yaml
+
 import bench
 import common
 
@@ -38,6 +40,17 @@ def test_bench_counts_what_it_started_as_machinery_here() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def test_bench_counts_the_watchdogs_as_machinery_and_the_ranks_as_training() -> None:
+    """A watchdog names its rank's command in its own arguments; it is still machinery, not training."""
+    play = yaml.safe_load((common.ROOT / "clap_config" / "roles" / "roles" / "dcgan_run.yaml").read_text())[0]
+    watchdog_argv = play["tasks"][-1]["vars"]["dcgan_watchdog_argv"]
+    rank = "env OMP_NUM_THREADS=1 python3 -m torch.distributed.run --nnodes 2 demo/dist_dcgan.py"
+    assert not bench.is_training("\0".join([*watchdog_argv[:-1], rank]))
+    assert bench.is_training("\0".join(["sh", "-c", rank]))
+    assert bench.is_training("\0".join(["/usr/bin/python3", "-u", "demo/dist_dcgan.py", "--test_data"]))
+    assert not bench.is_training("\0".join(["sshd: root@notty"]))
 
 
 def load_watchdog() -> ModuleType:

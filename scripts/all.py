@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import checks
 import common
 import down
 import report
@@ -46,12 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     drawings = {folder: subprocess.Popen([sys.executable, report.__file__, str(folder)], stdout=subprocess.PIPE,
                                          stderr=subprocess.STDOUT, text=True)
                 for folder in fetched(settings) if folder not in fetched_before}
-    status = down.main([])
-    for folder, drawing in drawings.items():
-        print(drawing.communicate()[0], end="")
-        if drawing.returncode != 0:
-            common.warn(f"no report for {folder}; its files are there all the same.")
-    return status
+    try:
+        return down.main([])
+    finally:
+        for folder, drawing in drawings.items():
+            print(drawing.communicate()[0], end="")
+            if drawing.returncode != 0:
+                common.warn(f"no report for {folder}; its files are there all the same.")
 
 
 def fetched(settings: common.Settings) -> list[Path]:
@@ -79,7 +81,7 @@ def show_whole_plan(settings: common.Settings) -> int:
     """Every step's plan; on no cluster, placeholders stand for what only the started nodes know."""
     state = common.read_state(settings)
     common.check_provider(settings, state)
-    common.preflight(settings)
+    checks.preflight(settings)
     if state and state.get("nodes"):
         print(f"DRY RUN: the {len(state['nodes'])} nodes of {settings.nodes_file.name} are up already.")
     else:

@@ -249,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"bench: {nodes} nodes, round {number + 1}/{args.repeat}", flush=True)
                 with cleaned_up(env):
                     rounds.append(one_round(nodes, env, work, floor_first=number % 2 == 0))
+                print(f"  run {rounds[-1]['run']:.2f} s, its floor {rounds[-1]['floor: run']:.2f} s: "
+                      f"{rounds[-1]['run / floor']:.2f}", flush=True)
             medians[nodes] = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
         whole = make_all(min(args.nodes), args.repeat, env)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 
+import checks
 import common
 
 
 def main(argv: list[str] | None = None) -> int:
     argparse.ArgumentParser(description=__doc__).parse_args(argv)
     settings = common.load_settings()
-    common.preflight(settings)
+    checks.preflight(settings)
     common.say(f"ready: {settings.nodes} x {settings.instance_type} on {settings.provider}, "
                f"runner {settings.runner}, {settings.epochs} epochs, results to {settings.results_dir}")
     return 0

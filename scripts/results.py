@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import checks
 import common
 import report
 from common import UserError
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
             if target.exists():
                 raise UserError(f"{target} already exists: run {run['id']} was fetched before; move that folder "
                                 f"away to fetch it again.")
-        common.check_results_dir(settings)
+        checks.check_results_dir(settings)
         master = {**state, "nodes": state["nodes"][:1]}  # the shared filesystem is read on rank 0
         if settings.dry_run:
             for run in runs:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 
+import checks
 import common
 from common import UserError
 
@@ -14,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = common.load_settings()
     with common.exclusive(settings, "setup"):
         state = common.need_nodes(settings, "setup")
-        common.preflight(settings)
+        checks.preflight(settings)
         if settings.dry_run:
             common.show_plan(settings, state, "setup")
             return 0

@@ -16,6 +16,7 @@ import os
 import statistics
 from pathlib import Path
 
+import checks
 import common
 import dcgan_logs
 import down
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         if state and state.get("nodes"):
             raise UserError(f"{settings.nodes_file.name} lists a cluster of {len(state['nodes'])} nodes: "
                             f"`make down` first (the sweep starts its own nodes).")
-        common.preflight(settings)
+        checks.preflight(settings)
     folder.mkdir(parents=True, exist_ok=True)
     for number, (kind, size) in enumerate(todo, start=1):
         if number > 1 and todo[number - 2][0] != kind and down.main([]) != 0:

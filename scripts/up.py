@@ -10,6 +10,7 @@ import argparse
 import secrets
 import time
 
+import checks
 import common
 from common import UserError
 
@@ -23,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
             already_up(settings, state)
             if settings.nodes <= len(state["nodes"]):
                 return 0
-        common.preflight(settings)
+        checks.preflight(settings)
         first = len(state["nodes"]) if state and state.get("nodes") else 0
         count = settings.nodes - first
         if settings.dry_run:

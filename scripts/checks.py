@@ -1,0 +1,123 @@
+"""The checks every step makes before a node is started or a file is touched: the settings'
+files, RESULTS_DIR, and what the provider needs (this machine's tools for the local cluster;
+keys, key pair, region and one cheap EC2 call for AWS). Each failure is one sentence with its fix."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from common import Settings, UserError, aws_errors, aws_template, check_configs, warn
+
+
+def preflight(settings: Settings) -> None:
+    """Everything that can be checked before a node is started or a file is touched."""
+    check_configs(settings)
+    check_results_dir(settings)
+    if settings.provider == "local":
+        check_local(settings)
+    else:
+        check_aws(settings)
+
+
+def check_results_dir(settings: Settings) -> None:
+    existing = next(p for p in [settings.results_dir, *settings.results_dir.parents] if p.exists())
+    try:  # a real write: root passes every permission check but not a read-only or virtual filesystem
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError:
+        raise UserError(f"RESULTS_DIR={settings.results_dir} is not writable ({existing} is not a writable "
+                        f"folder): point RESULTS_DIR at a folder you can write.") from None
+
+
+def check_local(settings: Settings) -> None:
+    """What the local provider needs on this machine, and the user's app and data."""
+    if "DCGAN_DIR" in settings.user_set and not Path(settings.dcgan_dir, "dist_dcgan.py").is_file():
+        raise UserError(f"DCGAN_DIR={settings.dcgan_dir} has no dist_dcgan.py: point DCGAN_DIR at a clone of "
+                        f"eborin/Distributed-DCGAN (or leave it empty for the demo app).")
+    if "CIFAR_DATA_DIR" in settings.user_set and not test_batch(settings).is_file():
+        raise UserError(f"CIFAR_DATA_DIR={settings.cifar_data_dir} has no cifar-10-batches-py/test_batch: "
+                        f"extract cifar-10-python.tar.gz there (or leave it empty for a synthetic set).")
+    if settings.ssh_hosts:
+        key = settings.clap_path / "private" / "ssh_key"
+        if not key.is_file():
+            raise UserError(f"SSH_HOSTS is set but {key} is missing: put the private key that logs in "
+                            f"as SSH_USER={settings.ssh_user} on those hosts there (chmod 600).")
+        if key.stat().st_mode & 0o077:
+            raise UserError(f"{key} is readable by others: chmod 600 {key}.")
+    if os.geteuid() != 0 and not settings.ssh_hosts:
+        raise UserError("the local cluster needs root (it makes network namespaces): run it as root, "
+                        "e.g. `sudo make all`.")
+    for tool, package in (("ip", "iproute2"), ("sshd", "openssh-server"), ("unshare", "util-linux"),
+                          ("ssh", "openssh-client")):
+        if not shutil.which(tool, path="/usr/sbin:/usr/bin:/sbin:/bin"):
+            raise UserError(f"`{tool}` is missing: apt-get install {package}.")
+    if not shutil.which(settings.dcgan_python):
+        raise UserError(f"DCGAN_PYTHON={settings.dcgan_python} is not an executable: point it at a Python "
+                        f"that has torch.")
+
+
+def test_batch(settings: Settings) -> Path:
+    return Path(settings.cifar_data_dir, "cifar-10-batches-py", "test_batch")
+
+
+def check_aws(settings: Settings) -> None:
+    """Keys, key pair, region and one cheap EC2 call: a wrong key fails here, not half-way."""
+    import aws
+
+    check_boto2()
+    template, provider, login = aws_template(settings)
+    private = settings.clap_path / "private"
+    for name, what in ((provider["access_keyfile"], "your AWS access key id"),
+                       (provider["secret_access_keyfile"], "your AWS secret access key")):
+        path = private / name
+        if not path.is_file() or not path.read_text().strip():
+            raise UserError(f"{path} is missing or empty: put {what} in it (see .env.example).")
+    if not settings.keypair_name:
+        raise UserError("KEYPAIR_NAME is empty: set it in .env to the name of your EC2 key pair.")
+    key = private / login["keypair_private_file"]
+    public = private / login["keypair_public_file"]
+    if not key.is_file():
+        raise UserError(f"{key} is missing: put the private key of key pair {settings.keypair_name} there.")
+    mode = key.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise UserError(f"{key} is readable by others (mode {mode:04o}): chmod 600 {key}.")
+    derived = subprocess.run(["ssh-keygen", "-y", "-f", str(key)], capture_output=True, text=True)
+    if derived.returncode != 0:
+        raise UserError(f"{key} is not a private key ssh can read: put the key pair's .pem there.")
+    if not public.is_file() or public.read_text().split()[:2] != derived.stdout.split()[:2]:
+        raise UserError(f"{public} does not match {key}: write it with ssh-keygen -y -f {key} > {public}.")
+    regions = aws.boto3.session.Session().get_available_regions("ec2")
+    if provider["region"] not in regions:
+        raise UserError(f"region {provider['region']!r} in {settings.clap_path / 'configs' / 'providers.yaml'} "
+                        f"is not an EC2 region: use one like us-east-1.")
+    if settings.runner == "docker" and not settings.efs_host:
+        raise UserError("EFS_HOST is empty: set it in .env to the IP address of your EFS mount target "
+                        "(the docker runner reads the app and data from it).")
+    with aws_errors():
+        client = aws.ec2_client_from_clap_config(settings.clap_path, template["provider"])
+        aws.check_credentials(client)
+        group = template.get("security_group")
+        allowed = aws.security_group_allows_intra_group_tcp(client, group) if group else True
+    if allowed is None:
+        raise UserError(f"security group {group} (INSTANCE_TYPE={settings.instance_type} in "
+                        f"{settings.clap_path / 'configs' / 'instances.yaml'}) does not exist in {provider['region']}: "
+                        f"create it with an all-TCP rule from the group itself, or name an existing one there.")
+    if not allowed:
+        warn(f"security group {group} does not let the nodes reach each other on every TCP port; "
+             f"gloo needs that: add an all-TCP rule from the group itself.")
+
+
+def check_boto2() -> None:
+    """CLAP starts and stops instances with Ansible's `ec2` module, which imports boto (boto2) in
+    this very Python (Ansible's implicit localhost); boto2 does not import on Python 3.12+."""
+    try:
+        import boto.ec2  # noqa: F401
+    except Exception as error:  # boto2 breaks on new Pythons in more ways than ImportError: any failure counts
+        version = ".".join(map(str, sys.version_info[:3]))
+        raise UserError(f"this Python ({version}, {sys.executable}) cannot import boto ({error}), which `make up` "
+                        f"and `make down` need to start and stop EC2 instances: boto works on Python 3.8 to "
+                        f"3.11, so rebuild the venv with one (rm -rf .venv && make deps PYTHON=python3.11).") from None

@@ -38,9 +38,9 @@ from run import current_run
 
 TICKS = os.sysconf("SC_CLK_TCK")
 RANK_MARKERS = ("torch.distributed.run", "dist_dcgan.py")  # the training's processes; the rest is machinery
-# A rank's watchdog (`python3 - start ... -- sh -c <rank command>`) names the rank's command in its own
-# arguments, yet it is machinery.
-WATCHDOG_ARGV = ["python3", "-", "start"]
+# A rank's watchdog (`python3 ... - start ... -- sh -c <rank command>`: its source on stdin) names the
+# rank's command in its own arguments, yet it is machinery.
+WATCHDOG_MARK = "\0-\0start\0"
 
 
 def timed(command: list[str], env: dict[str, str]) -> float:
@@ -171,7 +171,7 @@ def processes(namespaces: set[int]) -> dict[int, tuple[str, float]]:
 
 def is_training(command: str) -> bool:
     """Is this command line (NUL-separated, as /proc gives it) one of the training's processes?"""
-    return any(marker in command for marker in RANK_MARKERS) and command.split("\0")[:3] != WATCHDOG_ARGV
+    return any(marker in command for marker in RANK_MARKERS) and WATCHDOG_MARK not in command
 
 
 def started_here(pid: int, parents: dict[int, int]) -> bool:

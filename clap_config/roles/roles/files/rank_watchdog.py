@@ -23,7 +23,7 @@ environment, GLOO_SOCKET_IFNAME, OMP_NUM_THREADS and PYTHONUNBUFFERED.
 SSH session per node on it, so nothing is polled over the network while training.
 
 Stdlib only, Python 3.8+: it runs with the node's system Python, fed on stdin
-(`python3 - start ...`), so nothing has to be copied to the node first.
+(`python3 -I -S - start ...`), so nothing has to be copied to the node first.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -486,10 +486,12 @@ def ansible_env(settings: Settings, state: dict | None = None) -> dict[str, str]
 
 
 def close_connections(settings: Settings) -> None:
-    """End Ansible's persistent SSH connections to the cluster (they outlive the step)."""
+    """End Ansible's persistent SSH connections to the cluster (they outlive the step), and their folder."""
     for socket_path in control_dir(settings).glob("*"):
         subprocess.run(["ssh", "-o", f"ControlPath={socket_path}", "-O", "exit", "dcgan-node"],
                        capture_output=True, check=False, timeout=10)
+    with suppress(OSError):  # already gone, or a socket of a connection that would not end
+        control_dir(settings).rmdir()
 
 
 def instance_info(settings: Settings, config_db: Any) -> Any:

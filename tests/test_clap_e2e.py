@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+import common
 from conftest import ROOT, clap_checkout, leftovers, need_root, subnet, subnet_tag
 from local_hosts import LocalHosts
 
@@ -50,6 +51,7 @@ def test_make_all_trains_fetches_and_leaves_nothing(env: dict) -> None:
     assert_trained(runs[0], epochs=2)
     assert (runs[0] / "report.png").is_file() and f"report: wrote {runs[0]}/summary.json" in done.stdout
     assert not Path(env["NODES_FILE"]).exists()
+    assert not common.control_dir(common.load_settings(env)).exists()  # no SSH socket folder left in /tmp
     assert leftovers(subnet_tag(251)) == []
     assert json.loads((Path(env["CLAP_PATH"]) / "storage" / "local" / "hosts.json").read_text()) == []
 

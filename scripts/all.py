@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         for folder, drawing in drawings.items():
             print(drawing.communicate()[0], end="")
             if drawing.returncode != 0:
-                common.warn(f"no report for {folder}; its files are there all the same.")
+                common.warn(report.NO_REPORT.format(folder=folder))
 
 
 def fetched(settings: common.Settings) -> list[Path]:

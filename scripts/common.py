@@ -419,6 +419,9 @@ def import_clap(settings: Settings) -> None:
         raise UserError(f"CLAP not found at {settings.clap}: run `git submodule update --init`, "
                         f"or set CLAP=/path/to/a/CLAP/checkout.")
     os.environ["CLAP_PATH"] = str(settings.clap_path)
+    # paramiko, which CLAP imports, takes invoke only to run an ssh_config's `Match exec`, and does
+    # without it until then; CLAP reads no ssh_config. Its import is a seventh of a second per step.
+    sys.modules.setdefault("invoke", None)
     for path in (str(settings.clap), str(Path(__file__).parent)):
         if path not in sys.path:
             sys.path.insert(0, path)
@@ -490,6 +493,7 @@ def close_connections(settings: Settings) -> None:
     for socket_path in control_dir(settings).glob("*"):
         subprocess.run(["ssh", "-o", f"ControlPath={socket_path}", "-O", "exit", "dcgan-node"],
                        capture_output=True, check=False, timeout=10)
+        socket_path.unlink(missing_ok=True)  # its master removes it only after answering: a race with the rmdir
     with suppress(OSError):  # already gone, or a socket of a connection that would not end
         control_dir(settings).rmdir()
 

@@ -21,6 +21,8 @@ from dcgan_logs import RankLog, format_duration, parse_run_folder, summary
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
 REPORT_PNG = "report.png"
+# What the steps that draw a report say when it fails: the report only reads the run's files.
+NO_REPORT = "no report for {folder}; its files are there all the same."
 
 _SAMPLES_RE = re.compile(r"^(fake|real)_samples_rank_(\d+)_epoch_(\d+)_iter_(\d+)\.png$")
 # Above this many points a raw GAN loss curve is mostly noise: draw it faint and

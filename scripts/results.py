@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
                 fetched.append(target)
     for target in fetched:
         if not args.no_report and report.main([str(target)]) != 0:
-            common.warn(f"no report for {target}; its files are there all the same.")
+            common.warn(report.NO_REPORT.format(folder=target))
         outputs = sorted(p.name for p in target.glob("output-*.txt"))
         common.say(f"run {target.name} is in {target}: {', '.join(outputs) or 'no output-*.txt'}, "
                    f"{len(list(target.glob('*.png')))} images")

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import ansible_runner
@@ -124,8 +125,10 @@ def project(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def role_cluster(hosts: list, ssh_key: Path, work: Path) -> dict:
-    """CLAP's inventory shape over the hosts, a shared 'EFS' folder, a synthetic data set.
+@contextmanager
+def role_cluster(hosts: list, ssh_key: Path, work: Path) -> Iterator[dict]:
+    """CLAP's inventory shape over the hosts, a shared 'EFS' folder, a synthetic data set; on exit,
+    Ansible's SSH connections to the hosts end and their socket folder in /tmp goes, as `make down` does.
 
     Host name = node id, group `dcgan`, ansible_host, per-node node_rank and private_ip;
     the role's vars are extra vars, as CLAP passes them.
@@ -145,8 +148,12 @@ def role_cluster(hosts: list, ssh_key: Path, work: Path) -> dict:
     base_vars = {"efs_host": "", "efs_mount_point": str(efs), "user_dir": str(efs / "user"),
                  "cifar_data_dir": str(data), "runner": "native", "dcgan_dir": str(ROOT / "demo"),
                  "dcgan_python": sys.executable, "omp_num_threads": 1}
-    return {"ids": ids, "hosts": hosts, "inventory": inventory, "vars": base_vars, "work": work,
-            "env": {**os.environ, **common.ansible_env(settings)}, "user_dir": efs / "user"}
+    try:
+        yield {"ids": ids, "hosts": hosts, "inventory": inventory, "vars": base_vars, "work": work,
+               "env": {**os.environ, **common.ansible_env(settings)}, "user_dir": efs / "user"}
+    finally:
+        common.close_connections(settings)
+        assert not common.control_dir(settings).exists()
 
 
 def play(cluster: dict, action: str, wait: bool = True, cancel: object = None,

@@ -31,10 +31,10 @@ def cluster(tmp_path: Path, ssh_key: Path) -> Iterator[dict]:
     hosts = LocalHosts(tmp_path / "hosts", SUBNET)
     try:
         made = hosts.create(2, ssh_key.with_suffix(".pub").read_text())
-        cluster = role_cluster(made, ssh_key, tmp_path)
-        cluster["local_hosts"], cluster["key"] = hosts, ssh_key
-        assert play(cluster, "setup").status == "successful"
-        yield cluster
+        with role_cluster(made, ssh_key, tmp_path) as cluster:
+            cluster["local_hosts"], cluster["key"] = hosts, ssh_key
+            assert play(cluster, "setup").status == "successful"
+            yield cluster
     finally:
         hosts.destroy()
         assert leftovers(subnet_tag(252)) == []

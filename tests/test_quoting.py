@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -55,13 +56,13 @@ def test_app_args_with_an_unclosed_quote_is_one_clear_sentence() -> None:
 
 
 @pytest.fixture(scope="module")
-def spaced_cluster(hosts: list, ssh_key: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    cluster = role_cluster(hosts, ssh_key, tmp_path_factory.mktemp("quoting"))
-    app = cluster["work"] / "the app"
-    shutil.copytree(ROOT / "demo", app, ignore=shutil.ignore_patterns("__pycache__"))
-    cluster["user_dir"] = Path(cluster["vars"]["efs_mount_point"]) / "user's dir"
-    cluster["vars"].update(dcgan_dir=str(app), user_dir=str(cluster["user_dir"]))
-    return cluster
+def spaced_cluster(hosts: list, ssh_key: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    with role_cluster(hosts, ssh_key, tmp_path_factory.mktemp("quoting")) as cluster:
+        app = cluster["work"] / "the app"
+        shutil.copytree(ROOT / "demo", app, ignore=shutil.ignore_patterns("__pycache__"))
+        cluster["user_dir"] = Path(cluster["vars"]["efs_mount_point"]) / "user's dir"
+        cluster["vars"].update(dcgan_dir=str(app), user_dir=str(cluster["user_dir"]))
+        yield cluster
 
 
 def test_a_real_run_in_folders_with_spaces(spaced_cluster: dict) -> None:

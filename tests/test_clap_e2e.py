@@ -80,10 +80,17 @@ def test_single_targets_rerun_alone(env: dict) -> None:
     assert "already down" in make(env, "down").stdout
 
 
+def interruptible_make(targets: list[str], env: dict) -> subprocess.Popen:
+    """`make` in a process group of its own with SIGINT at its default, as at a terminal, so that
+    killpg(SIGINT) is a Ctrl-C even when the tests run as a background job (which ignores SIGINT)."""
+    return subprocess.Popen(["make", "-s", "-C", str(ROOT), *targets], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
 def test_ctrl_c_during_up_leaves_nothing_behind(env: dict) -> None:
     """SIGINT while CLAP is starting nodes: what was made is removed or recorded, and `make down` ends it."""
-    up = subprocess.Popen(["make", "-s", "-C", str(ROOT), "up"], env={**env, "NODES": "6"},
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    up = interruptible_make(["up"], {**env, "NODES": "6"})
     deadline = time.monotonic() + 60
     while not leftovers(subnet_tag(251)) and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -134,8 +141,7 @@ def test_notebook_runs_the_course_flow_end_to_end(env: dict, monkeypatch: pytest
 
 def test_ctrl_c_on_run_keeps_training_and_run_reattaches(env: dict) -> None:
     assert make(env, "up", "setup").returncode == 0
-    run = subprocess.Popen(["make", "-s", "-C", str(ROOT), "run"], env={**env, "EPOCHS": "12", "PROGRESS_EVERY": "1"},
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    run = interruptible_make(["run"], {**env, "EPOCHS": "12", "PROGRESS_EVERY": "1"})
     deadline = time.monotonic() + 120
     logs = Path(env["EFS_MOUNT_POINT"]) / "dcgan" / "runs"
     while time.monotonic() < deadline and "[iteration: 3/" not in "".join(

@@ -283,6 +283,19 @@ def test_results_fetches_every_finished_run_not_fetched_yet(project: dict, fake_
     assert "nothing to fetch" in capsys.readouterr().out
 
 
+def test_results_keeps_a_run_whose_report_fails(project: dict, fake_fetch: list[str], monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture) -> None:
+    import results
+
+    write_nodes(project, runs=[run_record("r1", "done")])
+    monkeypatch.setattr(results.report, "main", lambda argv: 1)
+    assert results.main([]) == 0  # the files are the result; the report only reads them
+    target = Path(project["RESULTS_DIR"]) / "r1"
+    assert f"no report for {target}; its files are there all the same." in capsys.readouterr().err
+    assert (target / "output-0.txt").read_text() == "r1"
+    assert json.loads(Path(project["NODES_FILE"]).read_text())["runs"][0]["fetched"] == str(target)
+
+
 @pytest.mark.parametrize("how", ["RUN_ID", "--run-id"])
 def test_results_of_one_run_by_id(project: dict, fake_fetch: list[str], monkeypatch: pytest.MonkeyPatch,
                                   how: str) -> None:

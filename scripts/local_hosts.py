@@ -277,7 +277,7 @@ Subsystem sftp internal-sftp
 PrintMotd no
 # bash reads ~/.bashrc before a command sent over SSH, unless it is not the first shell. The
 # hosts share this machine's home folders, whose .bashrc is the operator's (pyenv init, say: a
-# sixth of a second per session); a fresh node has none, so its sessions skip it.
+# sixth of a second per session), not a node's: their sessions skip it.
 SetEnv SHLVL=1
 """
 

@@ -6,8 +6,8 @@ median of --repeat rounds. Floors, measured in the same round as the step:
   - setup and results: the same playbook played directly by `ansible-playbook` on the
     inventory CLAP builds, with the same Ansible settings;
   - run: the rank commands `DRY_RUN=1 make run` prints, started at the same moment
-    straight inside each host's namespace (no SSH, Ansible, CLAP or watchdog), before
-    `make run` in one round and after it in the next.
+    straight inside each host's namespace (no SSH, Ansible, CLAP or watchdog), once before
+    `make run` and once after it: the run is compared with the mean of the two.
 While `make run` trains (and its floor, alike), the CPU seconds of every process on the hosts
 and of `make run` itself are sampled from /proc: the machinery (watchdogs, sshd sessions and Ansible modules
 on the hosts; the scripts, CLAP, ansible-playbook and ssh here) against the training's own
@@ -81,15 +81,17 @@ def floor_run(settings: common.Settings, state: dict) -> tuple[float, dict[str, 
     folder = Path(common.run_folder(settings, run_id))
     folder.mkdir(parents=True)
     namespaces = {host.address: host.namespace for host in hosts_of(settings)}
+    commands = {node["rank"]: ["ip", "netns", "exec", namespaces[node["address"]], "sh", "-c",
+                               common.rank_command(settings, state, extra, per_node)
+                               .replace("<interface to the master>", "eth0")]
+                for node, per_node in zip(state["nodes"], common.node_vars(state).values(), strict=True)}
     cpu = CpuDuringTraining(settings, lambda: folder)
     cpu.start()
     started = time.monotonic()
     ranks = []
-    for node, per_node in zip(state["nodes"], common.node_vars(state).values(), strict=True):
-        command = common.rank_command(settings, state, extra, per_node).replace("<interface to the master>", "eth0")
-        with open(folder / f"output-{node['rank']}.txt", "wb") as log:
-            ranks.append(subprocess.Popen(["ip", "netns", "exec", namespaces[node["address"]], "sh", "-c", command],
-                                          stdout=log, stderr=subprocess.STDOUT))
+    for rank, command in commands.items():
+        with open(folder / f"output-{rank}.txt", "wb") as log:
+            ranks.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT))
     codes = [rank.wait() for rank in ranks]
     took = time.monotonic() - started
     if any(codes):
@@ -182,15 +184,15 @@ def started_here(pid: int, parents: dict[int, int]) -> bool:
     return ancestor is not None
 
 
-def one_round(nodes: int, base_env: dict[str, str], work: Path, floor_first: bool) -> dict[str, float]:
-    """Every step once. The floor of `run` comes before `make run` in one round and after it in the
-    next, so that neither gains from its place (a warmer cache, a quieter machine)."""
+def one_round(nodes: int, base_env: dict[str, str], work: Path) -> dict[str, float]:
+    """Every step once. The floor of `run` is measured both before and after `make run`, and the run is
+    compared with their mean: neither gains from its place (a warmer cache, a machine that another
+    tenant's load makes slower or faster as the round goes on)."""
     env = {**base_env, "NODES": str(nodes)}
     settings = common.load_settings(env)
     times = {"up": step("up", env), "setup": step("setup", env)}
     state = common.read_state(settings)
-    if floor_first:
-        times["floor: run"], floor_cpu = floor_run(settings, state)
+    floor_before, floor_cpu_before = floor_run(settings, state)
     # Then as a user goes on: setup again and `make run` right after it (SSH connections still open).
     times["setup again"] = step("setup", env)
     times["floor: setup again"] = floor(settings, state, "setup", "", work)
@@ -198,10 +200,11 @@ def one_round(nodes: int, base_env: dict[str, str], work: Path, floor_first: boo
     cpu.start()
     times["run"] = step("run", env)
     used = cpu.seconds()
-    if not floor_first:
-        times["floor: run"], floor_cpu = floor_run(settings, state)
+    floor_after, floor_cpu_after = floor_run(settings, state)
+    times["floor: run, before"], times["floor: run, after"] = floor_before, floor_after
+    times["floor: run"] = (floor_before + floor_after) / 2
     times["run / floor"] = times["run"] / times["floor: run"]
-    times["floor: CPU s during training: training"] = floor_cpu[KINDS[0]]
+    times["floor: CPU s during training: training"] = (floor_cpu_before[KINDS[0]] + floor_cpu_after[KINDS[0]]) / 2
     for kind in KINDS:
         times[f"CPU s during training: {kind}"] = used[kind]
     times["machinery on the hosts / training CPU %"] = 100 * used[KINDS[1]] / used[KINDS[0]]
@@ -248,9 +251,10 @@ def main(argv: list[str] | None = None) -> int:
             for number in range(args.repeat):
                 print(f"bench: {nodes} nodes, round {number + 1}/{args.repeat}", flush=True)
                 with cleaned_up(env):
-                    rounds.append(one_round(nodes, env, work, floor_first=number % 2 == 0))
-                print(f"  run {rounds[-1]['run']:.2f} s, its floor {rounds[-1]['floor: run']:.2f} s: "
-                      f"{rounds[-1]['run / floor']:.2f}", flush=True)
+                    rounds.append(one_round(nodes, env, work))
+                print(f"  run {rounds[-1]['run']:.2f} s, its floor {rounds[-1]['floor: run, before']:.2f} s "
+                      f"before and {rounds[-1]['floor: run, after']:.2f} s after: {rounds[-1]['run / floor']:.2f}",
+                      flush=True)
             medians[nodes] = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
         whole = make_all(min(args.nodes), args.repeat, env)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import json
 import os
+import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -77,3 +81,32 @@ def test_a_missing_peer_delays_the_start_only_by_the_bound(tmp_path: Path) -> No
     started = time.monotonic()
     assert watchdog._wait_for_peers(tmp_path, 0, 3, bound=1) == [2]
     assert 1 <= time.monotonic() - started < 3
+
+
+def voluntary_switches(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("voluntary_ctxt_switches:")[1].split()[0])
+
+
+def test_a_watchdog_sleeps_between_beats_and_wakes_when_its_rank_ends(tmp_path: Path) -> None:
+    """Every wake-up of a watchdog takes CPU from the training it shares the node with: it wakes once a
+    beat (Popen.wait with a timeout would wake 20 times a second), and at once when its rank ends."""
+    started = subprocess.run([sys.executable, "-I", "-S", str(WATCHDOG), "start", f"--run-dir={tmp_path}",
+                              "--rank=0", "--world=1", f"--log={tmp_path / 'output-0.txt'}", "--beat=1",
+                              "--", "sleep", "4"], capture_output=True, text=True, timeout=30)
+    assert started.returncode == 0, started.stderr
+    info = json.loads((tmp_path / ".rank-0.json").read_text())
+    try:
+        before = voluntary_switches(info["watchdog_pid"])
+        time.sleep(2.5)
+        assert voluntary_switches(info["watchdog_pid"]) - before <= 8
+        deadline = time.monotonic() + 10
+        while not (tmp_path / ".rank-0.exit").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        outcome = json.loads((tmp_path / ".rank-0.exit").read_text())
+        assert outcome["reason"] == "finished" and outcome["seconds"] < 4.5
+    finally:
+        if not (tmp_path / ".rank-0.exit").exists():
+            for pid in (info["pid"], info["watchdog_pid"]):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)

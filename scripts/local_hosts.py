@@ -9,6 +9,15 @@ namespace of its own, so ending that one process ends every session and job on
 the host: nothing outlives `destroy`. The machine's filesystem is shared by all
 hosts and plays the role of the cloud's shared EFS.
 
+A host is one of these kinds:
+  netns  the namespace with an sshd, sharing this machine's filesystem (the default);
+  vm     a cloud-like node: the namespace with a whole Debian booted in it (local_vm.py);
+  efs    the cluster's EFS stand-in for vm nodes: a netns host whose sshd serves only
+         the export folder over SFTP, which the nodes mount with sshfs (this machine's
+         kernel may have no NFS; FUSE it has);
+  proxy  the vm nodes' way to the package registries, on the gateway address.
+The efs and proxy hosts come with the first vm node and go with the last.
+
 `create` records what it made (hosts.json in the state folder) and `destroy`
 removes exactly that, by name and PID. Needs root.
 """
@@ -31,8 +40,13 @@ from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import local_vm
+
 DEFAULT_SUBNET = "10.213.0.0/24"
-SSHD = shutil.which("sshd", path="/usr/sbin:/usr/bin:/sbin:/bin") or "/usr/sbin/sshd"
+SBIN = "/usr/sbin:/usr/bin:/sbin:/bin"
+SSHD = shutil.which("sshd", path=SBIN) or "/usr/sbin/sshd"
+IPTABLES = shutil.which("iptables", path=SBIN)  # None: no firewall to get past
+EXPORT_ROOT = "/mnt"  # where the EFS stand-in sees its export folder (in its own mount namespace)
 START_DEADLINE_S = 10.0
 STOP_DEADLINE_S = 5.0
 
@@ -47,8 +61,9 @@ class Host:
     namespace: str
     address: str
     veth: str  # the machine-side end of the host's link
-    pid: int  # `unshare` in front of the host's PID namespace (sshd is its PID 1)
+    pid: int  # `unshare` in front of the host's PID namespace (sshd, or the node's nspawn, its PID 1)
     state_dir: str
+    kind: str = "netns"  # netns, vm, efs or proxy (see the module's doc)
 
     @property
     def ssh_port(self) -> int:
@@ -71,8 +86,9 @@ def _pid_alive(pid: int) -> bool:
 class LocalHosts:
     """The namespace hosts of one state folder and subnet."""
 
-    def __init__(self, state_dir: Path, subnet: str = DEFAULT_SUBNET) -> None:
+    def __init__(self, state_dir: Path, subnet: str = DEFAULT_SUBNET, cache_dir: Path | None = None) -> None:
         self.state_dir = Path(state_dir)
+        self.cache_dir = Path(cache_dir) if cache_dir else self.state_dir / "cache"  # the vm nodes' Debian tree
         self.network = ipaddress.ip_network(subnet)
         if self.network.prefixlen > 29:
             raise LocalHostError(f"LOCAL_SUBNET={subnet} is too small: use a /24 such as {DEFAULT_SUBNET}.")
@@ -108,32 +124,49 @@ class LocalHosts:
         return self._load()
 
     def is_up(self, host: Host) -> bool:
-        return _pid_alive(host.pid) and Path(f"/run/netns/{host.namespace}").exists()
+        return _pid_alive(host.pid) and (not host.namespace or Path(f"/run/netns/{host.namespace}").exists())
+
+    def efs_host(self) -> Host | None:
+        """The EFS stand-in of the cluster's vm nodes, while they exist."""
+        return next((h for h in self._load() if h.kind == "efs"), None)
+
+    @property
+    def efs_export(self) -> Path:
+        """The folder the EFS stand-in serves: kept across clusters, as an EFS outlives its instances."""
+        return self.state_dir / "efs-export"
+
+    @property
+    def efs_key(self) -> Path:
+        """The key the vm nodes mount the EFS stand-in with."""
+        return self.state_dir / "efs_key"
 
     # -- create ------------------------------------------------------------
-    def create(self, count: int, authorized_key: str) -> list[Host]:
-        """Start `count` new hosts that accept `authorized_key` for root."""
+    def create(self, count: int, authorized_key: str, kind: str = "netns") -> list[Host]:
+        """Start `count` new hosts of `kind` (netns or vm) that accept `authorized_key` for their login:
+        root on netns hosts, local_vm.LOGIN_USER (a sudoer) on vm nodes."""
         if os.geteuid() != 0:
             raise LocalHostError("the local cluster needs root (network namespaces): run as root, e.g. sudo make up.")
         if not Path(SSHD).exists():
             raise LocalHostError("sshd is not installed: apt-get install openssh-server.")
+        tree = self._os_tree() if kind == "vm" else None
         made: list[Host] = []
         with self._locked() as hosts:
             try:
                 self._ensure_bridge()
-                taken = {h.address for h in hosts}
-                free = (str(a) for a in self.network.hosts() if str(a) != self.gateway and str(a) not in taken)
+                if tree and not any(h.kind == "efs" for h in hosts):
+                    self._start_services(hosts, made)
                 for _ in range(count):
-                    address = next(free, None)
-                    if address is None:
-                        raise LocalHostError(f"no free address left in LOCAL_SUBNET={self.network}.")
-                    host = self._new_host(address)
+                    host = self._new_host(self._free_address(hosts), kind)
                     made.append(host)  # before any of it exists: a Ctrl-C half-way is cleaned up too
-                    self._start_host(host, authorized_key)
+                    if tree:
+                        self._start_vm(host, tree, authorized_key, next(h for h in hosts if h.kind == "efs"))
+                    else:
+                        self._start_sshd(host, authorized_key)
                     hosts.append(host)
                 self._write_hosts_files(hosts)
                 for host in made:
-                    self._wait_for_ssh(host)
+                    if host.kind != "proxy":
+                        self._wait_for_ssh(host)
             except BaseException:
                 # Ctrl-C or a failure half-way: take down what this call made, nothing else.
                 for host in made:
@@ -143,25 +176,75 @@ class LocalHosts:
                 if not hosts:
                     self._remove_bridge()
                 raise
-        return made
+        return [host for host in made if host.kind == kind]
+
+    def _os_tree(self) -> Path:
+        try:
+            return local_vm.OsTree(self.cache_dir).ensure()
+        except local_vm.VmError as error:
+            raise LocalHostError(str(error)) from None
+
+    def _free_address(self, hosts: list[Host], last: bool = False) -> str:
+        taken = {h.address for h in hosts} | {self.gateway}
+        free = [str(a) for a in self.network.hosts() if str(a) not in taken]
+        if not free:
+            raise LocalHostError(f"no free address left in LOCAL_SUBNET={self.network}.")
+        return free[-1] if last else free[0]
+
+    def _start_services(self, hosts: list[Host], made: list[Host]) -> None:
+        """The EFS stand-in (at the subnet's last address, out of the nodes' way) and the proxy."""
+        if not self.efs_key.exists():
+            _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "dcgan-efs", "-f", str(self.efs_key))
+        self.efs_export.mkdir(mode=0o755, parents=True, exist_ok=True)  # sshd's chroot: root's, not writable
+        efs = self._new_host(self._free_address(hosts, last=True), "efs")
+        proxy = Host(f"proxy-{self.tag}", "", self.gateway, "", 0, str(self.state_dir / f"proxy-{self.tag}"),
+                     "proxy")
+        for host in (efs, proxy):
+            made.append(host)  # before it starts: a failure half-way is cleaned up too
+            hosts.append(host)
+        self._start_sshd(efs, self.efs_key.with_suffix(".pub").read_text(), export=self.efs_export)
+        Path(proxy.state_dir).mkdir(parents=True, exist_ok=True)
+        proxy.pid = local_vm.start_proxy(self.gateway, str(self.network), Path(proxy.state_dir))
+
+    def _start_vm(self, host: Host, tree: Path, authorized_key: str, efs: Host) -> None:
+        self._make_namespace(host)
+        root = Path(host.state_dir) / "root"
+        efs_host_key = (Path(efs.state_dir) / "ssh_host_ed25519_key.pub").read_text().split()[:2]
+        local_vm.prepare_root(tree, root, hostname=host.name, authorized_key=authorized_key,
+                              proxy=local_vm.proxy_url(self.gateway), efs_key=self.efs_key,
+                              efs_known_host=" ".join([efs.address, *efs_host_key]))
+        host.pid = local_vm.boot(root, local_vm.OsTree(self.cache_dir).base_image, host.namespace, host.name,
+                                 Path(host.state_dir) / "boot.log")
 
     def _ensure_bridge(self) -> None:
         if _run("ip", "link", "show", self.bridge, check=False).returncode != 0:
             _run("ip", "link", "add", self.bridge, "type", "bridge")
             _run("ip", "addr", "add", f"{self.gateway}/{self.network.prefixlen}", "dev", self.bridge)
         _run("ip", "link", "set", self.bridge, "up")
+        self._accept_bridge_traffic()
 
-    def _new_host(self, address: str) -> Host:
+    # Docker on this machine sets the FORWARD policy to DROP and makes bridged packets pass
+    # through iptables (br_netfilter): the hosts could then reach this machine but not each
+    # other. One rule of ours, on our bridge only, lets them; nothing else of the firewall changes.
+    def _bridge_rule(self) -> list[str]:
+        return ["FORWARD", "-i", self.bridge, "-o", self.bridge, "-j", "ACCEPT",
+                "-m", "comment", "--comment", f"dcgan local cluster {self.network}"]
+
+    def _accept_bridge_traffic(self) -> None:
+        if IPTABLES and _run(IPTABLES, "-C", *self._bridge_rule(), check=False).returncode != 0:
+            _run(IPTABLES, "-I", *self._bridge_rule())
+
+    def _new_host(self, address: str, kind: str) -> Host:
         last = address.split(".")[-1]
-        name = f"node-{self.tag}-{last}"
+        name = f"{'efs' if kind == 'efs' else 'node'}-{self.tag}-{last}"
         return Host(name, f"dcgan-{self.tag}-{last}", address, f"dcg{self.tag}-{last}"[:15], 0,
-                    str(self.state_dir / name))
+                    str(self.state_dir / name), kind)
 
-    def _start_host(self, host: Host, authorized_key: str) -> None:
-        namespace, address, veth, name = host.namespace, host.address, host.veth, host.name
-        host_dir = Path(host.state_dir)
+    def _make_namespace(self, host: Host) -> None:
+        """The host's network namespace, its link into the bridge, its address, and its resolver files."""
+        namespace, address, veth = host.namespace, host.address, host.veth
         self._remove_leftovers(host)
-        host_dir.mkdir(parents=True, exist_ok=True)
+        Path(host.state_dir).mkdir(parents=True, exist_ok=True)
 
         _run("ip", "netns", "add", namespace)
         _run("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", namespace)
@@ -177,16 +260,27 @@ class LocalHosts:
         (netns_etc / "resolv.conf").write_text("")
         (netns_etc / "hosts").write_text("")
 
+    def _start_sshd(self, host: Host, authorized_key: str, export: Path | None = None) -> None:
+        """A netns host: an sshd as PID 1 of the host's own PID namespace. With `export`, the host
+        serves that folder, and only it, as the root of its SFTP (the EFS stand-in)."""
+        self._make_namespace(host)
+        host_dir = Path(host.state_dir)
+        in_ns = ("ip", "netns", "exec", host.namespace)
         key = host_dir / "ssh_host_ed25519_key"
         if not key.exists():
             _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key))
         (host_dir / "authorized_keys").write_text(authorized_key.strip() + "\n")
-        (host_dir / "sshd_config").write_text(_sshd_config(address, host_dir))
+        (host_dir / "sshd_config").write_text(_sshd_config(host.address, host_dir, serve_only=export is not None))
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
         with open(host_dir / "sshd.log", "ab") as log:
             host.pid = subprocess.Popen(
                 [*in_ns, "unshare", "--uts", "--pid", "--mount-proc", "--kill-child", "--",
-                 "sh", "-c", f'hostname "$0" && exec {SSHD} -D -e -f "$1"', name, str(host_dir / "sshd_config")],
+                 # The export is bound on EXPORT_ROOT in the host's own mount namespace (--mount-proc makes
+                 # one): sshd chroots only where every folder up from it is root's and not writable to
+                 # others, which a state folder under /tmp is not.
+                 "sh", "-c", f'hostname "$0" && {{ [ -z "$2" ] || mount --bind "$2" {EXPORT_ROOT}; }} && '
+                             f'exec {SSHD} -D -e -f "$1"',
+                 host.name, str(host_dir / "sshd_config"), str(export or "")],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True,  # not ended by the Ctrl-C of the command that made it
             ).pid
@@ -196,9 +290,13 @@ class LocalHosts:
 
         Written in place: `ip netns exec` bind-mounts the file by inode.
         """
-        lines = ["127.0.0.1 localhost"] + [f"{h.address} {h.name}" for h in hosts]
+        lines = ["127.0.0.1 localhost"] + [f"{h.address} {h.name}" for h in hosts if h.namespace]
         for host in hosts:
-            with open(Path("/etc/netns") / host.namespace / "hosts", "w") as hosts_file:
+            if not host.namespace:
+                continue
+            path = (Path(host.state_dir) / "root/etc/hosts" if host.kind == "vm"
+                    else Path("/etc/netns") / host.namespace / "hosts")
+            with open(path, "w") as hosts_file:
                 hosts_file.write("\n".join(lines) + "\n")
 
     def _wait_for_ssh(self, host: Host) -> None:
@@ -218,9 +316,12 @@ class LocalHosts:
 
     # -- destroy -----------------------------------------------------------
     def destroy(self, names: list[str] | None = None) -> list[Host]:
-        """Remove the named hosts (all when None); unknown names are already gone."""
+        """Remove the named hosts (all when None); unknown names are already gone. The EFS stand-in
+        and the proxy go with the last vm node."""
         with self._locked() as hosts:
             doomed = [h for h in hosts if names is None or h.name in names]
+            if not any(h.kind == "vm" for h in hosts if h not in doomed):
+                doomed += [h for h in hosts if h.kind in ("efs", "proxy") and h not in doomed]
             for host in doomed:
                 self._destroy_host(host)
                 hosts.remove(host)
@@ -228,9 +329,12 @@ class LocalHosts:
                 self._write_hosts_files(hosts)
             else:
                 self._remove_bridge()
-        return doomed
+                local_vm.release_nspawn_state()
+        return [h for h in doomed if h.kind not in ("efs", "proxy")]
 
     def _destroy_host(self, host: Host) -> None:
+        if host.kind == "vm":
+            local_vm.stop(host.pid, host.name, Path(host.state_dir) / "root", _pid_alive)
         # Killing `unshare` SIGKILLs its child (--kill-child), PID 1 of the host's PID
         # namespace, and the kernel then ends every process of that namespace:
         # sessions, jobs, all. SIGKILL because unshare ignores SIGTERM while it waits.
@@ -248,18 +352,24 @@ class LocalHosts:
         """Delete the veth, the namespace and its /etc/netns files, if they exist."""
         # First, by its end on this side (which takes its peer along): left to the kernel, the veth
         # goes only when the namespace's cleanup ends, seconds later once TCP has run in it.
-        _run("ip", "link", "del", host.veth, check=False)  # fails harmlessly when it is gone already
-        if Path(f"/run/netns/{host.namespace}").exists():
+        if host.veth:
+            _run("ip", "link", "del", host.veth, check=False)  # fails harmlessly when it is gone already
+        if host.namespace and Path(f"/run/netns/{host.namespace}").exists():
             _run("ip", "netns", "del", host.namespace)
-        shutil.rmtree(Path("/etc/netns") / host.namespace, ignore_errors=True)
+        if host.namespace:
+            shutil.rmtree(Path("/etc/netns") / host.namespace, ignore_errors=True)
 
     def _remove_bridge(self) -> None:
         if _run("ip", "link", "show", self.bridge, check=False).returncode == 0:
             _run("ip", "link", "del", self.bridge)
+        while IPTABLES and _run(IPTABLES, "-D", *self._bridge_rule(), check=False).returncode == 0:
+            pass  # every copy: a crash between -C and -I of two commands at once may have left two
 
 
-def _sshd_config(address: str, host_dir: Path) -> str:
-    return f"""\
+def _sshd_config(address: str, host_dir: Path, serve_only: bool = False) -> str:
+    # The EFS stand-in serves its export folder and nothing else: SFTP only, chrooted there.
+    sftp_only = f"ChrootDirectory {EXPORT_ROOT}\nForceCommand internal-sftp\nAllowTcpForwarding no\n"
+    return (sftp_only if serve_only else "") + f"""\
 ListenAddress {address}
 Port 22
 HostKey {host_dir}/ssh_host_ed25519_key
@@ -289,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     create = sub.add_parser("create", help="start new hosts")
     create.add_argument("count", type=int)
-    create.add_argument("--key", type=Path, required=True, help="public key allowed to log in as root")
+    create.add_argument("--key", type=Path, required=True, help="public key allowed to log in")
+    create.add_argument("--kind", choices=("netns", "vm"), default="netns", help="kind of host (default %(default)s)")
     sub.add_parser("destroy", help="remove every host of the state folder")
     sub.add_parser("list", help="print the hosts as JSON")
     args = parser.parse_args(argv)
@@ -297,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     cluster = LocalHosts(args.state_dir, args.subnet)
     try:
         if args.command == "create":
-            hosts = cluster.create(args.count, args.key.read_text())
+            hosts = cluster.create(args.count, args.key.read_text(), args.kind)
         elif args.command == "destroy":
             hosts = cluster.destroy()
         else:

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from conftest import PLAYBOOKS
 
@@ -75,6 +74,22 @@ def test_run_command_mounts_an_app_outside_user_dir(tmp_path: Path) -> None:
     # The app at user_dir itself: one mount (Docker refuses the same path twice).
     rank = render(tmp_path, dcgan_dir="/home/ubuntu/efs/ana")["node-a"]["rank"]
     assert rank.count("-v /home/ubuntu/efs/ana:") == 1
+
+
+def test_run_command_mounts_each_folder_once(tmp_path: Path) -> None:
+    """Docker refuses a path mounted twice: data in user_dir itself, or inside an app outside it."""
+    rank = render(tmp_path, cifar_data_dir="/home/ubuntu/efs/ana/")["node-a"]["rank"]
+    assert rank.count(" -v ") == 1 and " -v /home/ubuntu/efs/ana:/home/ubuntu/efs/ana " in rank
+    rank = render(tmp_path, dcgan_dir="/srv/app", cifar_data_dir="/srv/app/data")["node-a"]["rank"]
+    assert " -v /home/ubuntu/efs/ana:/home/ubuntu/efs/ana -v /srv/app:/srv/app -w /srv/app " in rank
+    assert rank.count(" -v ") == 2
+
+
+def test_commands_quote_a_folder_with_a_space(tmp_path: Path) -> None:
+    commands = render(tmp_path, dcgan_dir="/home/ubuntu/my app")["node-a"]
+    assert commands["build"].endswith(" -t dcgan:latest '/home/ubuntu/my app'")
+    assert " -v '/home/ubuntu/my app:/home/ubuntu/my app' " in commands["rank"]
+    assert " -w '/home/ubuntu/my app' dcgan:latest " in commands["rank"]
 
 
 def test_native_command_and_app_args(tmp_path: Path) -> None:
@@ -145,10 +160,3 @@ exit 2
     done = play_setup(tmp_path, "Look at the app's Dockerfile and code", path=f"{shims}:", runner="docker")
     assert done.returncode == 0, done.stdout + done.stderr
     assert (tmp_path / "built").read_text().startswith(f"DOCKER_BUILDKIT={buildkit} build -t dcgan:")
-
-
-def test_setup_waits_for_the_apt_lock_of_a_fresh_node() -> None:
-    """unattended-upgrades holds apt's lock for minutes after a fresh EC2 Ubuntu boots."""
-    tasks = yaml.safe_load((PLAYBOOKS / "dcgan_setup.yaml").read_text())[0]["tasks"]
-    apt_tasks = [task for task in tasks if "ansible.builtin.apt" in task]
-    assert apt_tasks and all(task["ansible.builtin.apt"].get("lock_timeout", 0) >= 300 for task in apt_tasks)

@@ -1,0 +1,298 @@
+"""Cloud-like local nodes: a whole Debian per node, booted by systemd-nspawn.
+
+A node of the `vm` flavor is what an EC2 instance is to the role: its own root
+filesystem (a copy of one Debian tree, made once with debootstrap and cached),
+its own init (systemd as its PID 1), sshd, users (a sudoer `ubuntu`, as on an
+Ubuntu AMI), package database and, once the role installs it, its own Docker.
+It boots inside the network namespace of a local host (local_hosts.py makes
+the namespace, the address and the link), so it has the same address and no
+route out: apt and pip reach the package registries through a proxy on the
+cluster's gateway address, as a VPC's NAT would.
+
+Everything here runs as root on this machine and is removed by `stop`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+import shutil
+import signal
+import subprocess
+import tarfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+SUITE = "bookworm"
+# What an Ubuntu cloud image has that the role relies on: systemd, sshd, sudo, Python with apt's
+# bindings (Ansible's apt module), pip and the CA bundle. Nothing of what the role installs itself.
+PACKAGES = ("systemd", "systemd-sysv", "dbus", "openssh-server", "iproute2", "python3", "python3-apt",
+            "python3-pip", "sudo", "ca-certificates")
+LOGIN_USER = "ubuntu"
+# The Dockerfiles' FROM lines the nodes can build on without a registry: the node's own Debian, imported
+# as an image under these names (the upstream app's Dockerfile says ubuntu:20.04; ours, debian:bookworm).
+BASE_IMAGE_TAGS = ("debian:bookworm", "ubuntu:20.04")
+BASE_IMAGE_IN_NODE = "/var/lib/dcgan/base-image.tar"
+EFS_KEY_IN_NODE = "/etc/dcgan/efs_key"
+# How a node mounts the EFS stand-in (the role's efs_* vars): sshfs, as root of the stand-in's SFTP.
+# dir_cache=no: the ranks' watchdogs meet through small files in the run folder, and sshfs would
+# otherwise show a folder's listing up to 20 s old.
+EFS_MOUNT = {
+    "efs_fstype": "fuse.sshfs",
+    "efs_mount_options": f"allow_other,IdentityFile={EFS_KEY_IN_NODE},UserKnownHostsFile=/etc/dcgan/efs_known_hosts,"
+                         "StrictHostKeyChecking=yes,reconnect,ServerAliveInterval=5,dir_cache=no,_netdev",
+    "efs_packages": ["sshfs"],
+}
+PROXY_PORT = 8888
+BUILD_DEADLINE_S = 900
+NSPAWN_STATE = Path("/run/systemd/nspawn")
+CGROUPS = Path("/sys/fs/cgroup")
+STOP_DEADLINE_S = 10.0
+
+# Imports the base image when Docker starts, before the role's first build can ask for it: the
+# image a cloud node would pull from a registry.
+BASE_IMAGE_UNIT = f"""\
+[Service]
+ExecStartPost=/bin/sh -c 'docker image inspect {BASE_IMAGE_TAGS[0]} >/dev/null 2>&1 || {{ \
+id=$(docker import {BASE_IMAGE_IN_NODE}) && for tag in {" ".join(BASE_IMAGE_TAGS)}; do docker tag $id $tag; done; }}'
+"""
+
+
+class VmError(RuntimeError):
+    """A cloud-like node could not be made or removed; the message says what to do."""
+
+
+def _run(*cmd: str, timeout: float | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=timeout)
+
+
+def _mirror() -> str:
+    """The Debian mirror this machine's apt uses (the nodes reach it through the proxy)."""
+    for sources in [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]:
+        try:
+            text = sources.read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            words = line.split()
+            if words[:1] == ["deb"] and len(words) > 1:
+                return next(w for w in words[1:] if not w.startswith("["))
+            if words[:1] == ["URIs:"] and len(words) > 1 and "security" not in words[1]:
+                return words[1]
+    return "http://deb.debian.org/debian"
+
+
+def needs() -> list[str]:
+    """The Debian packages this machine lacks for cloud-like nodes (empty: all there)."""
+    tools = {"debootstrap": "debootstrap", "systemd-nspawn": "systemd-container", "tinyproxy": "tinyproxy",
+             "sshfs": "sshfs"}
+    return [package for tool, package in tools.items() if not shutil.which(tool, path=os.environ["PATH"]
+                                                                            + ":/usr/sbin:/sbin")]
+
+
+class OsTree:
+    """The Debian tree every node copies, and the base image made from it: built once, cached."""
+
+    def __init__(self, cache_dir: Path) -> None:
+        # A change to what goes into the tree makes a new one.
+        recipe = " ".join((SUITE, *PACKAGES, LOGIN_USER, BASE_IMAGE_UNIT, inspect.getsource(OsTree._configure)))
+        recipe = hashlib.sha1(recipe.encode()).hexdigest()[:10]
+        self.dir = Path(cache_dir) / f"debian-{SUITE}-{recipe}"
+        self.tree = self.dir / "tree"
+        self.base_image = self.dir / "base-image.tar"
+
+    def ensure(self) -> Path:
+        """The tree, built now if it is not in the cache (about a minute and a half; 300 MB)."""
+        if not (self.dir / "complete").exists():
+            self._build()
+        return self.tree
+
+    def _build(self) -> None:
+        missing = needs()
+        if missing:
+            raise VmError(f"cloud-like nodes need {', '.join(missing)}: apt-get install {' '.join(missing)}.")
+        work = self.dir.with_name(self.dir.name + f".{os.getpid()}.tmp")
+        shutil.rmtree(work, ignore_errors=True)
+        tree = work / "tree"
+        try:
+            _run("debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE, str(tree),
+                 _mirror(), timeout=BUILD_DEADLINE_S)
+        except subprocess.CalledProcessError as error:
+            shutil.rmtree(work, ignore_errors=True)
+            tail = (error.stdout + error.stderr).strip().splitlines()[-1:]
+            raise VmError(f"debootstrap of Debian {SUITE} failed ({' '.join(tail)}): is the Debian mirror "
+                          f"{_mirror()} reachable?") from None
+        self._configure(tree)
+        with tarfile.open(work / "base-image.tar", "w") as image:  # the tree as Docker imports it
+            image.add(tree, arcname=".")
+        (work / "complete").touch()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        os.replace(work, self.dir)
+
+    @staticmethod
+    def _configure(tree: Path) -> None:
+        """What a cloud image adds to a plain Debian: the login user, the CA, the base-image hook."""
+        chroot = ("chroot", str(tree))
+        _run(*chroot, "useradd", "--create-home", "--shell", "/bin/bash", LOGIN_USER)
+        (tree / "etc" / "sudoers.d" / "90-cloud-user").write_text(f"{LOGIN_USER} ALL=(ALL) NOPASSWD:ALL\n")
+        # pip and Docker's builds inside the node trust what this machine trusts (its CA may intercept TLS).
+        shutil.copy("/etc/ssl/certs/ca-certificates.crt", tree / "usr/local/share/ca-certificates/host.crt")
+        _run(*chroot, "update-ca-certificates")
+        drop_in = tree / "etc/systemd/system/docker.service.d"
+        drop_in.mkdir(parents=True)
+        (drop_in / "dcgan-base-image.conf").write_text(BASE_IMAGE_UNIT)
+        # Nothing of the build's caches: the image and every node copy carry the tree.
+        _run(*chroot, "apt-get", "clean")
+        lists = tree / "var/lib/apt/lists"
+        for index in lists.glob("*_*"):
+            index.unlink()
+        # As old as a cloud image's: apt's cache_valid_time then updates it first, as it would on EC2.
+        os.utime(lists, (0, 0))
+
+
+def prepare_root(tree: Path, root: Path, *, hostname: str, authorized_key: str, proxy: str, efs_key: Path,
+                 efs_known_host: str) -> None:
+    """A node's own root filesystem: a copy of the tree, with its name, login key, proxy, and the key and
+    host key of the EFS stand-in (efs_known_host: a known_hosts line)."""
+    shutil.rmtree(root, ignore_errors=True)
+    _run("cp", "-a", "--reflink=auto", str(tree), str(root))
+    (root / "etc/hostname").write_text(hostname + "\n")
+    (root / "etc/resolv.conf").unlink(missing_ok=True)
+    (root / "etc/resolv.conf").write_text("")  # no DNS here: lookups fail at once (names are in /etc/hosts)
+    ssh_dir = root / "home" / LOGIN_USER / ".ssh"
+    ssh_dir.mkdir(mode=0o700)
+    (ssh_dir / "authorized_keys").write_text(authorized_key.strip() + "\n")
+    uid_gid = (root / "home" / LOGIN_USER).stat()
+    for path in (ssh_dir, ssh_dir / "authorized_keys"):
+        os.chown(path, uid_gid.st_uid, uid_gid.st_gid)
+    (root / "etc/apt/apt.conf.d/90proxy").write_text(f'Acquire::http::Proxy "{proxy}";\n')
+    # Every login session and service (Docker's builds among them) reaches the registries through it.
+    with open(root / "etc/environment", "a") as environment:
+        environment.write(f"http_proxy={proxy}\nhttps_proxy={proxy}\nHTTP_PROXY={proxy}\nHTTPS_PROXY={proxy}\n"
+                          f"no_proxy=localhost,127.0.0.1\n")
+    key = root / EFS_KEY_IN_NODE.lstrip("/")
+    key.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(efs_key, key)
+    key.chmod(0o600)
+    (key.parent / "efs_known_hosts").write_text(efs_known_host + "\n")
+    (root / BASE_IMAGE_IN_NODE.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+
+
+def boot(root: Path, base_image: Path, namespace: str, name: str, log: Path) -> int:
+    """Boot the node in the network namespace; returns the PID that `stop` ends.
+
+    systemd-nspawn runs as PID 1 of a PID namespace of its own (unshare), so ending that one
+    process ends the node, its containers and sessions, whatever state they are in. Its cgroups
+    are a subtree of its own, so the node's systemd and Docker manage only their processes.
+    """
+    _ensure_nspawn_state()
+    # The node's Docker needs IP forwarding, and nspawn gives it a read-only /proc/sys.
+    _run("ip", "netns", "exec", namespace, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+    groups = _make_cgroups(name)
+    nspawn = ["systemd-nspawn", "--quiet", "-D", str(root), "-M", name, "--boot", "--register=no", "--keep-unit",
+              f"--network-namespace-path=/run/netns/{namespace}", "--resolv-conf=off", "--timezone=off",
+              "--link-journal=no", "--console=passive",
+              # Docker inside the node: every capability, the key and BPF calls, the cgroup tree, FUSE (sshfs).
+              "--capability=all", "--system-call-filter=add_key keyctl bpf", "--bind=/sys/fs/cgroup",
+              "--bind=/dev/fuse", f"--bind-ro={base_image}:{BASE_IMAGE_IN_NODE}"]
+    enter_cgroups = 'for procs in $DCGAN_CGROUPS; do echo $$ > "$procs"; done; exec "$@"'
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            ["sh", "-c", enter_cgroups, "sh", "unshare", "--pid", "--fork", "--kill-child", "--", *nspawn],
+            env={**os.environ, "DCGAN_CGROUPS": " ".join(str(g / "cgroup.procs") for g in groups)},
+            stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True).pid
+
+
+def stop(pid: int, name: str, root: Path, alive: Callable[[int], bool]) -> None:
+    """End the node (its PID namespace, so every process in it) and remove its tree and cgroups."""
+    if pid and alive(pid):
+        os.kill(pid, signal.SIGKILL)  # unshare --kill-child takes nspawn and the whole node with it
+        deadline = time.monotonic() + STOP_DEADLINE_S
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    _remove_cgroups(name)
+    shutil.rmtree(NSPAWN_STATE / "propagate" / name, ignore_errors=True)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def start_proxy(gateway: str, subnet: str, state_dir: Path) -> int:
+    """The nodes' way to the package registries: a forward proxy (tinyproxy) on the gateway address,
+    open to the cluster's subnet only. Returns its PID."""
+    config = state_dir / "proxy.conf"
+    config.write_text(f"Port {PROXY_PORT}\nListen {gateway}\nAllow {subnet}\nTimeout 600\nMaxClients 200\n"
+                      f"ConnectPort 443\nLogLevel Error\n")
+    with open(state_dir / "proxy.log", "ab") as log:
+        return subprocess.Popen([shutil.which("tinyproxy", path="/usr/bin:/usr/sbin:/bin:/sbin") or "tinyproxy",
+                                 "-d", "-c", str(config)], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                start_new_session=True).pid
+
+
+def proxy_url(gateway: str) -> str:
+    return f"http://{gateway}:{PROXY_PORT}"
+
+
+def _ensure_nspawn_state() -> None:
+    # nspawn keeps its mount-propagation folders here and refuses to start when it cannot clean
+    # them; on a machine whose PID 1 is not systemd nobody mounted the tmpfs it expects.
+    NSPAWN_STATE.mkdir(parents=True, exist_ok=True)
+    if subprocess.run(["mountpoint", "-q", str(NSPAWN_STATE)]).returncode != 0:
+        _run("mount", "-t", "tmpfs", "-o", "mode=0755", "dcgan-nspawn", str(NSPAWN_STATE))
+
+
+def release_nspawn_state() -> None:
+    """Unmount the tmpfs of _ensure_nspawn_state, once no node uses it (ours: it has our source name)."""
+    for line in Path("/proc/mounts").read_text().splitlines():
+        source, target = line.split()[:2]
+        if source == "dcgan-nspawn" and target == str(NSPAWN_STATE):
+            subprocess.run(["umount", str(NSPAWN_STATE)], capture_output=True, check=False)
+
+
+def _cgroup_dirs(name: str) -> list[Path]:
+    """The node's cgroup in each of this machine's hierarchies, below this process's own."""
+    dirs = []
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        mount = CGROUPS / ("unified" if not controllers else controllers.removeprefix("name="))
+        if mount.is_dir():
+            dirs.append(mount / path.lstrip("/") / f"dcgan-{name}")
+    return dirs
+
+
+def _make_cgroups(name: str) -> list[Path]:
+    groups = _cgroup_dirs(name)
+    _remove_cgroups(name)
+    for group in groups:
+        group.mkdir()
+    if (CGROUPS / "cpuset").is_dir():  # a new cpuset is empty: give it its parent's CPUs and memory nodes
+        for group in groups:
+            if "cpuset" in group.parts:
+                for knob in ("cpuset.cpus", "cpuset.mems"):
+                    (group / knob).write_text((group.parent / knob).read_text())
+    return groups
+
+
+def _remove_cgroups(name: str) -> None:
+    """Every cgroup below the node's, deepest first (a cgroup goes only once empty)."""
+    for group in _cgroup_dirs(name):
+        if not group.exists():
+            continue
+        for sub in sorted((p for p in group.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+            _rmdir_when_empty(sub)
+        _rmdir_when_empty(group)
+
+
+def _rmdir_when_empty(group: Path) -> None:
+    deadline = time.monotonic() + STOP_DEADLINE_S
+    while True:
+        try:
+            group.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:  # its last processes are still exiting
+            if time.monotonic() > deadline:
+                raise VmError(f"cgroup {group} still has processes after {STOP_DEADLINE_S:.0f} s: "
+                              f"end them (cat {group}/cgroup.procs), then `make down` again.") from None
+            time.sleep(0.05)

@@ -35,7 +35,7 @@ run: $(STAMP) ## train EPOCHS epochs, one rank per node (re-attaches to a run st
 	$(PY) scripts/run.py
 
 .PHONY: results
-results: $(STAMP) ## copy the last run to RESULTS_DIR/<run_id>/
+results: $(STAMP) ## copy every run not fetched yet to RESULTS_DIR/<run_id>/ (RUN_ID=<id>: that run only)
 	$(PY) scripts/results.py
 
 .PHONY: down
@@ -47,11 +47,11 @@ status: $(STAMP) ## nodes, steps and runs at a glance (no Ansible)
 	$(PY) scripts/status.py
 
 .PHONY: logs
-logs: $(STAMP) ## last lines of every rank's output in the current run (RANK=n for one)
+logs: $(STAMP) ## last lines of every rank's output in the newest run (RANK=n for one)
 	$(PY) scripts/logs.py
 
 .PHONY: report
-report: $(STAMP) ## summary.md and report.png of a fetched run (RUN=results/<run_id>, default the newest)
+report: $(STAMP) ## summary.json, summary.md and report.png of a fetched run (RUN=results/<run_id>, default the newest)
 	$(PY) scripts/report.py $(RUN)
 
 .PHONY: sweep
@@ -85,7 +85,7 @@ bench: $(STAMP) ## time every step and its floor for 2, 4, 8 and 16 local nodes 
 	$(PY) scripts/bench.py
 
 .PHONY: clean
-clean: ## remove the venv and generated files (refuses while nodes.json lists nodes)
+clean: ## remove the venv, .cluster and caches, never results (refuses while nodes.json lists nodes)
 	$(PYTHON) scripts/clean.py $(VENV)
 
 .PHONY: help

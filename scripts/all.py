@@ -13,21 +13,25 @@ import time
 from pathlib import Path
 
 import checks
-import common
+import cluster
+import cluster_state
+import config
 import down
+import output
 import report
 import results
+import role
 import run
 import setup
 import up
-from common import UserError
+from output import UserError
 
 STEPS = (("up", up), ("setup", setup), ("run", run), ("results", results))
 
 
 def main(argv: list[str] | None = None) -> int:
     argparse.ArgumentParser(description=__doc__).parse_args(argv)
-    settings = common.load_settings()
+    settings = config.load_settings()
     if settings.dry_run:
         return show_whole_plan(settings)
     fetched_before = fetched(settings)
@@ -35,11 +39,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             status = step.main(["--no-report"] if step is results else [])
         except UserError as error:
-            common.fail(str(error))
+            output.fail(str(error))
             status = 1
         if status != 0:
             if live_nodes(settings):  # otherwise the step's own message, with its fix, is all there is to say
-                common.fail(f"`make all` stopped at `{name}`. The nodes are KEPT and still running.\n"
+                output.fail(f"`make all` stopped at `{name}`. The nodes are KEPT and still running.\n"
                             f"  resume:   make {' '.join(n for n, _ in STEPS[index:])} down\n"
                             f"  or stop:  make down")
             return status
@@ -53,34 +57,34 @@ def main(argv: list[str] | None = None) -> int:
         for folder, drawing in drawings.items():
             print(drawing.communicate()[0], end="")
             if drawing.returncode != 0:
-                common.warn(report.NO_REPORT.format(folder=folder))
+                output.warn(report.NO_REPORT.format(folder=folder))
 
 
-def fetched(settings: common.Settings) -> list[Path]:
+def fetched(settings: config.Settings) -> list[Path]:
     """The folders of the runs nodes.json records as fetched."""
-    runs = (common.read_state(settings) or {}).get("runs") or []
+    runs = (cluster_state.read_state(settings) or {}).get("runs") or []
     return [Path(run["fetched"]) for run in runs if run.get("fetched")]
 
 
-def live_nodes(settings: common.Settings) -> bool:
+def live_nodes(settings: config.Settings) -> bool:
     """Does nodes.json list nodes that are still running? Without CLAP to ask, a listed node counts."""
     try:
-        state = common.read_state(settings)
+        state = cluster_state.read_state(settings)
     except UserError:
         return True  # a damaged nodes.json may still stand for nodes: `make down` finds them
     if not state or not state.get("nodes"):
         return False
     try:
-        alive = common.nodes_alive(common.clap(settings, state), common.node_ids(state))
+        alive = cluster.nodes_alive(cluster.clap(settings, state), cluster_state.node_ids(state))
     except UserError:
         return True
     return any(alive.values())
 
 
-def show_whole_plan(settings: common.Settings) -> int:
+def show_whole_plan(settings: config.Settings) -> int:
     """Every step's plan; on no cluster, placeholders stand for what only the started nodes know."""
-    state = common.read_state(settings)
-    common.check_provider(settings, state)
+    state = cluster_state.read_state(settings)
+    cluster_state.check_provider(settings, state)
     checks.preflight(settings)
     if state and state.get("nodes"):
         print(f"DRY RUN: the {len(state['nodes'])} nodes of {settings.nodes_file.name} are up already.")
@@ -91,12 +95,12 @@ def show_whole_plan(settings: common.Settings) -> int:
                             "private_address": f"<private address of node {rank}>"}
                            for rank in range(settings.nodes)]}
     run_id = "<run id>"  # `make run` picks it from the time it starts
-    common.show_plan(settings, state, "setup")
-    common.show_plan(settings, state, "run", run_id)
-    common.show_plan(settings, {**state, "nodes": state["nodes"][:1]}, "results", run_id)
-    print(down.plan(settings, common.node_ids(state)))
+    role.show_plan(settings, state, "setup")
+    role.show_plan(settings, state, "run", run_id)
+    role.show_plan(settings, {**state, "nodes": state["nodes"][:1]}, "results", run_id)
+    print(down.plan(settings, cluster_state.node_ids(state)))
     return 0
 
 
 if __name__ == "__main__":
-    common.main_guard(main)
+    output.main_guard(main)

@@ -31,8 +31,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import common
+import clap_configs
+import cluster
+import cluster_state
+import config
 import dcgan_logs
+import output
+import role
+import run_logs
 from local_hosts import LocalHosts
 from run import current_run
 
@@ -52,39 +58,39 @@ def timed(command: list[str], env: dict[str, str]) -> float:
 
 
 def step(name: str, env: dict[str, str], *args: str) -> float:
-    return timed([sys.executable, str(common.ROOT / "scripts" / f"{name}.py"), *args], env)
+    return timed([sys.executable, str(config.ROOT / "scripts" / f"{name}.py"), *args], env)
 
 
-def floor(settings: common.Settings, state: dict, action: str, run_id: str, work: Path) -> float:
+def floor(settings: config.Settings, state: dict, action: str, run_id: str, work: Path) -> float:
     """The same action played by ansible-playbook directly, on the inventory CLAP builds."""
-    common.import_clap(settings)
+    cluster.import_clap(settings)
     from clap.executor import AnsiblePlaybookExecutor
 
-    handles = common.clap(settings, state)
-    ids = common.node_ids(state) if action != "results" else common.node_ids(state)[:1]
+    handles = cluster.clap(settings, state)
+    ids = cluster_state.node_ids(state) if action != "results" else cluster_state.node_ids(state)[:1]
     inventory = AnsiblePlaybookExecutor.create_inventory(
-        {common.ROLE: handles.node_manager.get_nodes_by_id(ids)}, str(settings.clap_path / "private"),
-        node_vars=common.node_vars(state))
+        {clap_configs.ROLE: handles.node_manager.get_nodes_by_id(ids)}, str(settings.clap_path / "private"),
+        node_vars=role.node_vars(state))
     (work / "inventory.json").write_text(json.dumps(inventory))
-    (work / "extra.json").write_text(json.dumps(common.role_vars(settings, state, action, run_id)))
+    (work / "extra.json").write_text(json.dumps(role.role_vars(settings, state, action, run_id)))
     playbook = settings.clap_path / "roles" / "roles" / f"dcgan_{action}.yaml"
     return timed([str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(work / "inventory.json"),
                   "-e", f"@{work / 'extra.json'}", str(playbook)],
-                 {**os.environ, **common.ansible_env(settings, state)})
+                 {**os.environ, **cluster.ansible_env(settings, state)})
 
 
-def floor_run(settings: common.Settings, state: dict) -> tuple[float, dict[str, float]]:
+def floor_run(settings: config.Settings, state: dict) -> tuple[float, dict[str, float]]:
     """The rank commands of a run, started together straight inside each host's namespace;
     sampled as `make run` is, so the sampling costs the same in both."""
     run_id = f"floor-{len(state['nodes'])}-{time.monotonic_ns()}"
-    extra = common.role_vars(settings, state, "run", run_id)
-    folder = Path(common.run_folder(settings, run_id))
+    extra = role.role_vars(settings, state, "run", run_id)
+    folder = Path(run_logs.run_folder(settings, run_id))
     folder.mkdir(parents=True)
     namespaces = {host.address: host.namespace for host in hosts_of(settings)}
     commands = {node["rank"]: ["ip", "netns", "exec", namespaces[node["address"]], "sh", "-c",
-                               common.rank_command(settings, state, extra, per_node)
+                               role.rank_command(settings, state, extra, per_node)
                                .replace("<interface to the master>", "eth0")]
-                for node, per_node in zip(state["nodes"], common.node_vars(state).values(), strict=True)}
+                for node, per_node in zip(state["nodes"], role.node_vars(state).values(), strict=True)}
     cpu = CpuDuringTraining(settings, lambda: folder)
     cpu.start()
     started = time.monotonic()
@@ -101,13 +107,13 @@ def floor_run(settings: common.Settings, state: dict) -> tuple[float, dict[str, 
     return took, used
 
 
-def running_folder(settings: common.Settings) -> Path | None:
+def running_folder(settings: config.Settings) -> Path | None:
     """The folder of the run `make run` is training, once nodes.json records it."""
-    going = current_run(common.read_state(settings) or {})
-    return Path(common.run_folder(settings, going["id"])) if going else None
+    going = current_run(cluster_state.read_state(settings) or {})
+    return Path(run_logs.run_folder(settings, going["id"])) if going else None
 
 
-def hosts_of(settings: common.Settings) -> list:
+def hosts_of(settings: config.Settings) -> list:
     return LocalHosts(settings.local_dir, settings.local_subnet).hosts()
 
 
@@ -116,7 +122,7 @@ class CpuDuringTraining(threading.Thread):
     the training's processes, the rest on the hosts (watchdogs, sshd sessions, Ansible modules) and
     the processes of `make run` on this machine (the scripts, CLAP, ansible-playbook, ssh)."""
 
-    def __init__(self, settings: common.Settings, folder: Callable[[], Path | None]) -> None:
+    def __init__(self, settings: config.Settings, folder: Callable[[], Path | None]) -> None:
         super().__init__(daemon=True)
         self.settings, self.folder, self.done = settings, folder, threading.Event()
         self.first: dict[int, tuple[str, float]] | None = None
@@ -124,7 +130,7 @@ class CpuDuringTraining(threading.Thread):
 
     def run(self) -> None:
         namespaces = {os.stat(f"/run/netns/{host.namespace}").st_ino for host in hosts_of(self.settings)}
-        ranks = len(common.read_state(self.settings)["nodes"])
+        ranks = len(cluster_state.read_state(self.settings)["nodes"])
         while not self.done.wait(0.5):
             folder = self.folder()
             if folder is None:
@@ -189,9 +195,9 @@ def one_round(nodes: int, base_env: dict[str, str], work: Path) -> dict[str, flo
     compared with their mean: neither gains from its place (a warmer cache, a machine that another
     tenant's load makes slower or faster as the round goes on)."""
     env = {**base_env, "NODES": str(nodes)}
-    settings = common.load_settings(env)
+    settings = config.load_settings(env)
     times = {"up": step("up", env), "setup": step("setup", env)}
-    state = common.read_state(settings)
+    state = cluster_state.read_state(settings)
     floor_before, floor_cpu_before = floor_run(settings, state)
     # Then as a user goes on: setup again and `make run` right after it (SSH connections still open).
     times["setup again"] = step("setup", env)
@@ -209,9 +215,9 @@ def one_round(nodes: int, base_env: dict[str, str], work: Path) -> dict[str, flo
         times[f"CPU s during training: {kind}"] = used[kind]
     times["machinery on the hosts / training CPU %"] = 100 * used[KINDS[1]] / used[KINDS[0]]
     times["all machinery / training CPU %"] = 100 * (used[KINDS[1]] + used[KINDS[2]]) / used[KINDS[0]]
-    state = common.read_state(settings)
+    state = cluster_state.read_state(settings)
     run_id = state["runs"][-1]["id"]
-    run_dir = Path(common.run_folder(settings, run_id))
+    run_dir = Path(run_logs.run_folder(settings, run_id))
     logs = dcgan_logs.parse_run_folder(run_dir)
     times["training (app's own)"] = dcgan_logs.summary(logs)["training_seconds"]
     times["run overhead"] = times["run"] - times["training (app's own)"]
@@ -231,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--nodes", type=int, nargs="+", default=[2, 4, 8, 16])
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=common.ROOT / "bench" / "results.md")
+    parser.add_argument("--out", type=Path, default=config.ROOT / "bench" / "results.md")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         raise SystemExit("bench: the local cluster needs root.")
@@ -240,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="dcgan-bench-") as tmp:
         work = Path(tmp)
         clap_path = work / "clap_config"
-        shutil.copytree(common.ROOT / "clap_config", clap_path, ignore=shutil.ignore_patterns("storage", "private"))
+        shutil.copytree(config.ROOT / "clap_config", clap_path, ignore=shutil.ignore_patterns("storage", "private"))
         (clap_path / "storage").mkdir()
         (clap_path / "private").mkdir()
         env = {**os.environ, "ENV_FILE": os.devnull, "CLAP_PATH": str(clap_path),
@@ -269,8 +275,8 @@ def cleaned_up(env: dict[str, str]) -> Iterator[None]:
     try:
         yield
     finally:
-        subprocess.run([sys.executable, str(common.ROOT / "scripts" / "down.py")], env=env, capture_output=True)
-        settings = common.load_settings(env)
+        subprocess.run([sys.executable, str(config.ROOT / "scripts" / "down.py")], env=env, capture_output=True)
+        settings = config.load_settings(env)
         LocalHosts(settings.local_dir, settings.local_subnet).destroy()  # what a failed `down` left
 
 
@@ -280,7 +286,7 @@ def make_all(nodes: int, repeat: int, env: dict[str, str]) -> str:
     for number in range(repeat):
         print(f"bench: make all on {nodes} nodes, {number + 1}/{repeat}", flush=True)
         with cleaned_up(env):
-            seconds.append(timed(["make", "-s", "-C", str(common.ROOT), "all"], {**env, "NODES": str(nodes)}))
+            seconds.append(timed(["make", "-s", "-C", str(config.ROOT), "all"], {**env, "NODES": str(nodes)}))
     return (f"\n`make all` on {nodes} nodes (up, setup, run, results, down): median {statistics.median(seconds):.2f} s "
             f"of {repeat} ({', '.join(f'{s:.2f}' for s in seconds)}).\n")
 
@@ -310,4 +316,4 @@ def table(medians: dict[int, dict[str, float]], repeat: int) -> str:
 
 
 if __name__ == "__main__":
-    common.main_guard(main)
+    output.main_guard(main)

@@ -10,17 +10,18 @@ from __future__ import annotations
 import argparse
 
 import checks
-import common
+import config
+import output
 
 
 def main(argv: list[str] | None = None) -> int:
     argparse.ArgumentParser(description=__doc__).parse_args(argv)
-    settings = common.load_settings()
+    settings = config.load_settings()
     checks.preflight(settings)
-    common.say(f"ready: {settings.nodes} x {settings.instance_type} on {settings.provider}, "
+    output.say(f"ready: {settings.nodes} x {settings.instance_type} on {settings.provider}, "
                f"runner {settings.runner}, {settings.epochs} epochs, results to {settings.results_dir}")
     return 0
 
 
 if __name__ == "__main__":
-    common.main_guard(main)
+    output.main_guard(main)

@@ -11,7 +11,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import Settings, UserError, aws_errors, aws_template, check_configs, warn
+from aws_nodes import aws_errors
+from clap_configs import aws_template, check_configs
+from config import Settings
+from output import UserError, warn
 
 
 def preflight(settings: Settings) -> None:

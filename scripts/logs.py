@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 
-import common
-from common import UserError
+import cluster_state
+import config
+import output
+import run_logs
+from output import UserError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,12 +18,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=None if os.environ.get("RANK", "") == ""
                         else int(os.environ["RANK"]))
     args = parser.parse_args(argv)
-    settings = common.load_settings()
-    state = common.need_nodes(settings, "logs")
+    settings = config.load_settings()
+    state = cluster_state.need_nodes(settings, "logs")
     if not state.get("runs"):
         raise UserError("no run yet: `make run` starts one.")
     run = state["runs"][-1]
-    logs = common.read_run_logs(settings, state, run["id"])
+    logs = run_logs.read_run_logs(settings, state, run["id"])
     if args.rank is not None and args.rank not in logs:
         raise UserError(f"RANK={args.rank} has no output in run {run['id']}: ranks are 0..{len(state['nodes']) - 1}.")
     print(f"run {run['id']} ({run['state']})")
@@ -32,4 +35,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    common.main_guard(main)
+    output.main_guard(main)

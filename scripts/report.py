@@ -307,9 +307,9 @@ def draw_report(logs: dict[int, RankLog], data: dict, folder: Path, out_path: Pa
 
 
 def newest_run() -> Path:
-    import common
+    import config
 
-    runs = sorted(common.load_settings().results_dir.glob("run-*"))
+    runs = sorted(config.load_settings().results_dir.glob("run-*"))
     if not runs:
         raise SystemExit("report: no fetched run in RESULTS_DIR: `make results` fetches one, or give RUN=<folder>.")
     return runs[-1]

@@ -10,9 +10,13 @@ import argparse
 from pathlib import Path
 
 import checks
-import common
+import cluster
+import cluster_state
+import config
+import output
 import report
-from common import UserError
+import role
+from output import UserError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,13 +24,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-id", help="the run to fetch (default: RUN_ID, else every run not fetched yet)")
     parser.add_argument("--no-report", action="store_true", help="copy only; `make report` draws it later")
     args = parser.parse_args(argv)
-    settings = common.load_settings()
+    settings = config.load_settings()
     fetched: list[Path] = []
-    with common.exclusive(settings, "results"):
-        state = common.need_nodes(settings, "results")
+    with cluster_state.exclusive(settings, "results"):
+        state = cluster_state.need_nodes(settings, "results")
         runs = pick_runs(state, args.run_id or settings.run_id)
         if not runs:
-            common.say("nothing to fetch: every finished run is in RESULTS_DIR already (`make status` lists them).")
+            output.say("nothing to fetch: every finished run is in RESULTS_DIR already (`make status` lists them).")
             return 0
         for run in runs:
             target = settings.results_dir / run["id"]
@@ -37,23 +41,23 @@ def main(argv: list[str] | None = None) -> int:
         master = {**state, "nodes": state["nodes"][:1]}  # the shared filesystem is read on rank 0
         if settings.dry_run:
             for run in runs:
-                common.show_plan(settings, master, "results", run["id"])
+                role.show_plan(settings, master, "results", run["id"])
             return 0
-        handles = common.clap(settings, state)
-        with common.recording(settings, state, "results"):
+        handles = cluster.clap(settings, state)
+        with cluster_state.recording(settings, state, "results"):
             for run in runs:
                 target = settings.results_dir / run["id"]
-                result = common.play(settings, handles, master, "results", run["id"])
+                result = role.play(settings, handles, master, "results", run["id"])
                 if not result.ok:
-                    raise UserError(f"results of run {run['id']} failed: {common.playbook_failure(result, state)}")
+                    raise UserError(f"results of run {run['id']} failed: {role.playbook_failure(result, state)}")
                 run["fetched"] = str(target)
-                common.write_state(settings, state)  # a later failure keeps this run's fetch on record
+                cluster_state.write_state(settings, state)  # a later failure keeps this run's fetch on record
                 fetched.append(target)
     for target in fetched:
         if not args.no_report and report.main([str(target)]) != 0:
-            common.warn(report.NO_REPORT.format(folder=target))
+            output.warn(report.NO_REPORT.format(folder=target))
         outputs = sorted(p.name for p in target.glob("output-*.txt"))
-        common.say(f"run {target.name} is in {target}: {', '.join(outputs) or 'no output-*.txt'}, "
+        output.say(f"run {target.name} is in {target}: {', '.join(outputs) or 'no output-*.txt'}, "
                    f"{len(list(target.glob('*.png')))} images")
     return 0
 
@@ -70,9 +74,9 @@ def pick_runs(state: dict, run_id: str) -> list[dict]:
         raise UserError(f"RUN_ID={run_id}: no such run in nodes.json: pick one of {', '.join(r['id'] for r in runs)}.")
     for run in runs:
         if run.get("state") == "running":
-            common.warn(f"run {run['id']} is still going, not fetched: `make run` waits for it, then `make results`.")
+            output.warn(f"run {run['id']} is still going, not fetched: `make run` waits for it, then `make results`.")
     return [run for run in runs if not run.get("fetched") and run.get("state") != "running"]
 
 
 if __name__ == "__main__":
-    common.main_guard(main)
+    output.main_guard(main)

@@ -13,20 +13,25 @@ import sys
 import threading
 import time
 
-import common
+import cluster
+import cluster_state
+import config
 import dcgan_logs
-from common import UserError
+import output
+import role
+import run_logs
+from output import UserError
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--every", type=float, default=float(os.environ.get("PROGRESS_EVERY", common.PROGRESS_EVERY_S)),
+    parser.add_argument("--every", type=float, default=float(os.environ.get("PROGRESS_EVERY", config.PROGRESS_EVERY_S)),
                         help="seconds between two progress reports (default %(default)s)")
     parser.add_argument("--nodes", type=int, help="train on ranks 0..NODES-1 only (default: every node)")
     args = parser.parse_args(argv)
-    settings = common.load_settings()
-    with common.exclusive(settings, "run"):
-        state = common.need_nodes(settings, "run")
+    settings = config.load_settings()
+    with cluster_state.exclusive(settings, "run"):
+        state = cluster_state.need_nodes(settings, "run")
         if args.nodes is not None and not 1 <= args.nodes <= len(state["nodes"]):
             raise UserError(f"--nodes {args.nodes} must be between 1 and the {len(state['nodes'])} nodes of the "
                             f"cluster: `make up NODES={args.nodes}` first.")
@@ -36,35 +41,35 @@ def main(argv: list[str] | None = None) -> int:
         if state.get("steps", {}).get("setup", {}).get("state") != "done":
             raise UserError("the nodes are not set up: run `make setup` before `make run`.")
         if settings.dry_run:
-            common.show_plan(settings, ranks, "run", (run or {}).get("id") or new_run_id(state))
+            role.show_plan(settings, ranks, "run", (run or {}).get("id") or new_run_id(state))
             return 0
         if run:
-            common.say(f"re-attaching to run {run['id']}, going since {_clock(run['started'])}")
+            output.say(f"re-attaching to run {run['id']}, going since {_clock(run['started'])}")
         else:
             run = {"id": new_run_id(state), "state": "running", "started": time.time(),
                    "epochs": settings.epochs, "nodes": len(ranks["nodes"]), "fetched": False}
             state.setdefault("runs", []).append(run)
-            common.say(f"starting run {run['id']}: {settings.epochs} epochs on {len(ranks['nodes'])} nodes")
-        handles = common.clap(settings, state)
+            output.say(f"starting run {run['id']}: {settings.epochs} epochs on {len(ranks['nodes'])} nodes")
+        handles = cluster.clap(settings, state)
         progress = Progress(settings, ranks, run["id"], handles, args.every)
         try:
-            with common.recording(settings, state, "run"):
+            with cluster_state.recording(settings, state, "run"):
                 progress.start()
-                result = common.play(settings, handles, ranks, "run", run["id"])
-                if result.ret_code == common.PLAYBOOK_CANCELED:
+                result = role.play(settings, handles, ranks, "run", run["id"])
+                if result.ret_code == role.PLAYBOOK_CANCELED:
                     raise KeyboardInterrupt
                 progress.finish()
                 run["state"] = "done" if result.ok else "failed"
                 run["finished"] = time.time()
                 if not result.ok:
-                    run["reason"] = common.playbook_failure(result, ranks)
+                    run["reason"] = role.playbook_failure(result, ranks)
                     raise UserError(f"run {run['id']} failed: {run['reason']}. Its outputs so far: `make results`.")
         except KeyboardInterrupt:
             progress.finish(report=False)
-            common.warn(f"stopped watching run {run['id']}; the training goes on: `make run` re-attaches, "
+            output.warn(f"stopped watching run {run['id']}; the training goes on: `make run` re-attaches, "
                         f"`make logs` shows its output.")
             return 130
-    common.say(f"run {run['id']} finished in {run['finished'] - run['started']:.1f} s; next: make results")
+    output.say(f"run {run['id']} finished in {run['finished'] - run['started']:.1f} s; next: make results")
     return 0
 
 
@@ -83,11 +88,11 @@ def new_run_id(state: dict) -> str:
 class Progress(threading.Thread):
     """Reports every rank's progress from its log while the playbook waits."""
 
-    def __init__(self, settings: common.Settings, state: dict, run_id: str, handles: common.Clap,
+    def __init__(self, settings: config.Settings, state: dict, run_id: str, handles: cluster.Clap,
                  every: float) -> None:
         super().__init__(daemon=True)
         self.settings, self.state, self.every = settings, state, every
-        self.logs = common.RunLogs(settings, state, run_id, handles)
+        self.logs = run_logs.RunLogs(settings, state, run_id, handles)
         self.stopped = threading.Event()
         self.sizes: dict[int, tuple[int, float]] = {}  # rank -> (log size, when it last grew)
         self.shown = ""  # the last report printed
@@ -106,7 +111,7 @@ class Progress(threading.Thread):
         try:
             logs = self.logs.read()
         except (OSError, UserError) as error:  # a missed report is no reason to stop the run
-            common.warn(f"no progress this time: {error}")
+            output.warn(f"no progress this time: {error}")
             return
         now = time.time()
         lines = []
@@ -131,4 +136,4 @@ def _clock(timestamp: float) -> str:
 
 
 if __name__ == "__main__":
-    common.main_guard(main)
+    output.main_guard(main)

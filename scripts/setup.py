@@ -6,51 +6,56 @@ import argparse
 import subprocess
 
 import checks
-import common
-from common import UserError
+import clap_configs
+import cluster
+import cluster_state
+import config
+import output
+import role
+from output import UserError
 
 
 def main(argv: list[str] | None = None) -> int:
     argparse.ArgumentParser(description=__doc__).parse_args(argv)
-    settings = common.load_settings()
-    with common.exclusive(settings, "setup"):
-        state = common.need_nodes(settings, "setup")
+    settings = config.load_settings()
+    with cluster_state.exclusive(settings, "setup"):
+        state = cluster_state.need_nodes(settings, "setup")
         checks.preflight(settings)
         if settings.dry_run:
-            common.show_plan(settings, state, "setup")
+            role.show_plan(settings, state, "setup")
             return 0
         if settings.synthetic_data:
             make_synthetic_data(settings)
-        handles = common.clap(settings, state)
-        ids = common.node_ids(state)
-        args = {"node_vars": common.node_vars(state), "extra_args": common.role_vars(settings, state, "setup")}
-        with common.recording(settings, state, "setup"):
-            assigned = set(handles.role_manager.get_role_nodes(common.ROLE, ids).get(common.ROLE, []))
+        handles = cluster.clap(settings, state)
+        ids = cluster_state.node_ids(state)
+        args = {"node_vars": role.node_vars(state), "extra_args": role.role_vars(settings, state, "setup")}
+        with cluster_state.recording(settings, state, "setup"):
+            assigned = set(handles.role_manager.get_role_nodes(clap_configs.ROLE, ids).get(clap_configs.ROLE, []))
             new = [i for i in ids if i not in assigned]
             if not new:
-                result = common.play(settings, handles, state, "setup")
+                result = role.play(settings, handles, state, "setup")
                 if not result.ok:
-                    raise UserError(f"setup failed: {common.playbook_failure(result, state)}")
+                    raise UserError(f"setup failed: {role.playbook_failure(result, state)}")
             else:
                 from clap.role_manager import RoleAssignmentError
 
-                with common.ansible_log(settings, "setup") as log:
+                with cluster.ansible_log(settings, "setup") as log:
                     try:
                         # a grown cluster: only the new nodes are set up
-                        handles.role_manager.add_role(common.ROLE, new, quiet=not settings.verbose, **args)
+                        handles.role_manager.add_role(clap_configs.ROLE, new, quiet=not settings.verbose, **args)
                     except RoleAssignmentError:
-                        raise UserError(f"setup failed: {common.logged_failure(log)}; fix it, then "
+                        raise UserError(f"setup failed: {role.logged_failure(log)}; fix it, then "
                                         f"`make setup` again.") from None
     played = f"{len(new)} new of {len(ids)}" if 0 < len(new) < len(ids) else f"{len(ids)}"
-    common.say(f"setup done on {played} nodes in {state['steps']['setup']['seconds']:.1f} s; next: make run")
+    output.say(f"setup done on {played} nodes in {state['steps']['setup']['seconds']:.1f} s; next: make run")
     return 0
 
 
-def make_synthetic_data(settings: common.Settings) -> None:
+def make_synthetic_data(settings: config.Settings) -> None:
     """The local default trains on a synthetic CIFAR-10 set, made once on the shared filesystem."""
-    subprocess.run([settings.dcgan_python, str(common.ROOT / "demo" / "make_cifar.py"),
+    subprocess.run([settings.dcgan_python, str(config.ROOT / "demo" / "make_cifar.py"),
                     "--out", settings.cifar_data_dir, "--test-images", str(settings.synthetic_images)], check=True)
 
 
 if __name__ == "__main__":
-    common.main_guard(main)
+    output.main_guard(main)

@@ -10,29 +10,34 @@ import argparse
 import sys
 import time
 
-import common
+import aws_nodes
+import cluster
+import cluster_state
+import config
 import dcgan_logs
-from common import UserError
+import output
+import run_logs
+from output import UserError
 
 
 def main(argv: list[str] | None = None) -> int:
     argparse.ArgumentParser(description=__doc__).parse_args(argv)
-    settings = common.load_settings()
+    settings = config.load_settings()
     try:
-        state = common.read_state(settings)
+        state = cluster_state.read_state(settings)
     except UserError as error:
-        common.warn(str(error))
+        output.warn(str(error))
         state = None
     if state is None or not state.get("nodes"):
         return report_records(settings, state)
 
-    handles = common.clap(settings, state)
-    alive = common.nodes_alive(handles, common.node_ids(state))
+    handles = cluster.clap(settings, state)
+    alive = cluster.nodes_alive(handles, cluster_state.node_ids(state))
     age = time.time() - state["created"]
     print(f"cluster {state['cluster_id']}  provider {state['provider']}  {state['instance_type']}  "
           f"up {age / 60:.0f} min")
     for node in state["nodes"]:
-        print(f"  rank {node['rank']}  {common.short_id(node['id'])}  {node['address']:15}  "
+        print(f"  rank {node['rank']}  {cluster_state.short_id(node['id'])}  {node['address']:15}  "
               f"{'alive' if alive[node['id']] else 'GONE'}")
     if state.get("sweep"):
         sweep = state["sweep"]
@@ -46,13 +51,13 @@ def main(argv: list[str] | None = None) -> int:
         if run.get("reason"):
             print(f"      why: {run['reason']}")
     if state.get("runs") and state["runs"][-1]["state"] == "running" and all(alive.values()):
-        logs = common.read_run_logs(settings, state, state["runs"][-1]["id"], handles)
+        logs = run_logs.read_run_logs(settings, state, state["runs"][-1]["id"], handles)
         for rank, text in sorted(logs.items()):
             log = dcgan_logs.parse_log(text)
             log.rank = rank if log.rank is None else log.rank
             print("    " + dcgan_logs.progress_line(log, None, None, color=sys.stdout.isatty()))
     if settings.provider == "aws":
-        cost = common.hourly_cost(settings, len(state["nodes"]))
+        cost = aws_nodes.hourly_cost(settings, len(state["nodes"]))
         if cost is not None:
             print(f"  cost so far about ${cost * age / 3600:.2f} (${cost:.4f}/hour)")
         strays = cloud_strays(settings, state, {node.get("cloud_id") for node in state["nodes"]})
@@ -61,23 +66,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all(alive.values()) else 1
 
 
-def cloud_strays(settings: common.Settings, state: dict | None, known: set[str]) -> list[str]:
+def cloud_strays(settings: config.Settings, state: dict | None, known: set[str]) -> list[str]:
     """Instances of this project that no record of ours names: tagged ones, and those this
     cluster's `up` started but never tagged."""
     import aws
 
-    client = common.aws_client(settings)
-    with common.aws_errors():
-        tagged = aws.find_cluster_instances(client, common.PROJECT)
-        untagged = common.untagged_launches(settings, state, client)
+    client = aws_nodes.aws_client(settings)
+    with aws_nodes.aws_errors():
+        tagged = aws.find_cluster_instances(client, cluster_state.PROJECT)
+        untagged = aws_nodes.untagged_launches(settings, state, client)
     return sorted(i["InstanceId"] for i in tagged if i["InstanceId"] not in known) + sorted(
         f"{i['InstanceId']} (untagged)" for i in untagged)
 
 
-def report_records(settings: common.Settings, state: dict | None) -> int:
+def report_records(settings: config.Settings, state: dict | None) -> int:
     """No usable nodes.json: is anything of ours still running?"""
-    handles = common.clap(settings, state)
-    ids = common.project_nodes(handles, None)
+    handles = cluster.clap(settings, state)
+    ids = cluster.project_nodes(handles, None)
     strays = cloud_strays(settings, state, set()) if settings.provider == "aws" else []
     if strays:
         print(f"instances of this project are running: {', '.join(strays)}; `make down` terminates them.")
@@ -85,11 +90,11 @@ def report_records(settings: common.Settings, state: dict | None) -> int:
     if not ids:
         print(f"no cluster: nothing in {settings.nodes_file.name} and no node of this project in CLAP's records.")
         return 0
-    alive = common.nodes_alive(handles, ids)
+    alive = cluster.nodes_alive(handles, ids)
     print(f"{settings.nodes_file.name} lists no nodes, but CLAP's records hold {len(ids)} of this project:")
     for node in handles.node_manager.get_nodes_by_id(ids):
-        print(f"  {common.short_id(node.node_id)}  {node.ip or '-':15}  {'alive' if alive[node.node_id] else 'gone'}  "
-              f"cluster {node.tags.get('cluster', '?')}")
+        print(f"  {cluster_state.short_id(node.node_id)}  {node.ip or '-':15}  "
+              f"{'alive' if alive[node.node_id] else 'gone'}  cluster {node.tags.get('cluster', '?')}")
     print("`make down` stops them.")
     return 1
 
@@ -99,4 +104,4 @@ def _clock(timestamp: float) -> str:
 
 
 if __name__ == "__main__":
-    common.main_guard(main)
+    output.main_guard(main)

@@ -16,26 +16,30 @@ import os
 import statistics
 from pathlib import Path
 
+import aws_nodes
 import checks
-import common
+import clap_configs
+import cluster_state
+import config
 import dcgan_logs
 import down
+import output
 import results
 import run
 import setup
 import up
-from common import UserError
+from output import UserError
 
 SHARED_CORES = "All hosts share this machine's {cores} cores: the speed-up shows the orchestration, not the cloud."
 
 
 def main(argv: list[str] | None = None) -> int:
     argparse.ArgumentParser(description=__doc__).parse_args(argv)
-    settings = common.load_settings()
+    settings = config.load_settings()
     per_type = {kind: type_settings(kind) for kind in settings.instance_types}
     for typed in per_type.values():
         try:
-            common.check_configs(typed)
+            clap_configs.check_configs(typed)
         except UserError as error:
             raise UserError(f"INSTANCE_TYPES={','.join(settings.instance_types)}: {error}") from None
         check_size(typed, settings.sizes[-1])
@@ -53,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"{settings.run_timeout} s), above MAX_SWEEP_COST={settings.max_sweep_cost:g}: fewer "
                         f"SIZES or INSTANCE_TYPES, a lower RUN_TIMEOUT, or a higher MAX_SWEEP_COST.")
     if todo:
-        state = common.read_state(settings)
+        state = cluster_state.read_state(settings)
         if state and state.get("nodes"):
             raise UserError(f"{settings.nodes_file.name} lists a cluster of {len(state['nodes'])} nodes: "
                             f"`make down` first (the sweep starts its own nodes).")
@@ -62,23 +66,23 @@ def main(argv: list[str] | None = None) -> int:
     for number, (kind, size) in enumerate(todo, start=1):
         if number > 1 and todo[number - 2][0] != kind and down.main([]) != 0:
             raise UserError("`make down` failed between two instance types: run `make down`, then `make sweep`.")
-        common.say(f"point {number} of {len(todo)}: {size} {kind} nodes")
+        output.say(f"point {number} of {len(todo)}: {size} {kind} nodes")
         record["points"][f"{kind}/{size}"] = run_point(settings, per_type[kind], kind, size, number, len(todo))
         write_outputs(settings, folder, record)
     if todo and down.main([]) != 0:
         raise UserError("`make down` failed at the end of the sweep: run `make down` again.")
     write_outputs(settings, folder, record)
     failed = [key for key, p in record["points"].items() if p["state"] != "done"]
-    common.say(f"sweep in {folder}: {len(record['points']) - len(failed)} points done"
+    output.say(f"sweep in {folder}: {len(record['points']) - len(failed)} points done"
                + (f", failed: {', '.join(failed)}; `make sweep` again redoes them." if failed else "."))
     return 1 if failed else 0
 
 
-def type_settings(kind: str) -> common.Settings:
-    return common.load_settings({**os.environ, "INSTANCE_TYPE": kind})
+def type_settings(kind: str) -> config.Settings:
+    return config.load_settings({**os.environ, "INSTANCE_TYPE": kind})
 
 
-def check_size(settings: common.Settings, size: int) -> None:
+def check_size(settings: config.Settings, size: int) -> None:
     """The largest size is one `make up` can start."""
     if settings.provider == "local" and settings.ssh_hosts:
         room, where = len(settings.ssh_hosts), "SSH_HOSTS lists"
@@ -90,7 +94,7 @@ def check_size(settings: common.Settings, size: int) -> None:
         raise UserError(f"SIZES asks for {size} nodes but {where} {room}: lower SIZES.")
 
 
-def sweep_plan(settings: common.Settings) -> dict:
+def sweep_plan(settings: config.Settings) -> dict:
     """What makes two sweeps the same experiment."""
     return {"provider": settings.provider, "instance_types": settings.instance_types, "sizes": settings.sizes,
             "epochs": settings.epochs, "app": settings.dcgan_dir, "app_args": settings.app_args,
@@ -117,17 +121,17 @@ def point(record: dict, kind: str, size: int) -> dict:
     return record["points"].get(f"{kind}/{size}", {})
 
 
-def cost_ceiling(settings: common.Settings, per_type: dict, todo: list[tuple[str, int]]) -> float | None:
+def cost_ceiling(settings: config.Settings, per_type: dict, todo: list[tuple[str, int]]) -> float | None:
     """On AWS: every point's nodes billed for RUN_TIMEOUT."""
     if settings.provider != "aws":
         return None
-    hourly = [common.hourly_cost(per_type[kind], size) for kind, size in todo]
+    hourly = [aws_nodes.hourly_cost(per_type[kind], size) for kind, size in todo]
     if None in hourly:
         raise UserError("a type of INSTANCE_TYPES has no price in clap_config/prices.yaml: add it there.")
     return sum(hourly) * settings.run_timeout / 3600
 
 
-def show_plan(settings: common.Settings, record: dict, todo: list[tuple[str, int]], ceiling: float | None,
+def show_plan(settings: config.Settings, record: dict, todo: list[tuple[str, int]], ceiling: float | None,
               folder: Path) -> None:
     print(f"DRY RUN: sweep {folder.name}: {settings.epochs} epochs per run, {len(todo)} of "
           f"{len(settings.sizes) * len(settings.instance_types)} points to run")
@@ -147,16 +151,16 @@ def show_plan(settings: common.Settings, record: dict, todo: list[tuple[str, int
     print("  then `make down`. Nothing was started or written.")
 
 
-def run_point(settings: common.Settings, typed: common.Settings, kind: str, size: int, number: int,
+def run_point(settings: config.Settings, typed: config.Settings, kind: str, size: int, number: int,
               points: int) -> dict:
     """up (grow), setup, run on ranks 0..size-1, results: the point's record, done or failed."""
     os.environ.update({"INSTANCE_TYPE": kind, "NODES": str(size)})
     for step in (up, setup):
         if step.main([]) != 0:
             raise UserError(f"`make {step.__name__}` failed for {size} {kind} nodes: fix it, then `make sweep`.")
-    state = common.read_state(settings)
+    state = cluster_state.read_state(settings)
     state["sweep"] = {"point": number, "of": points, "type": kind, "size": size}
-    common.write_state(settings, state)
+    cluster_state.write_state(settings, state)
     outcome = {"type": kind, "size": size, "state": "done"}
     try:
         status = run.main(["--nodes", str(size)])
@@ -165,21 +169,21 @@ def run_point(settings: common.Settings, typed: common.Settings, kind: str, size
         if status != 0:
             outcome.update(state="failed", reason=f"`make run` ended with status {status}")
     except UserError as error:
-        common.warn(str(error))
+        output.warn(str(error))
         outcome.update(state="failed", reason=str(error))
-    state = common.read_state(settings)
+    state = cluster_state.read_state(settings)
     last = state["runs"][-1]
     outcome.update(run_id=last["id"], wall_seconds=last.get("finished", 0) - last["started"])
     try:
         fetched = results.main(["--run-id", last["id"]]) == 0
     except UserError as error:  # recorded like a failed run: the other points still run
-        common.warn(str(error))
+        output.warn(str(error))
         fetched = False
     if fetched:
         outcome.update(measure(settings.results_dir / last["id"]))
     else:
         outcome.update(state="failed", reason=outcome.get("reason") or f"run {last['id']} was not fetched")
-    hourly = common.hourly_cost(typed, size) if settings.provider == "aws" else None
+    hourly = aws_nodes.hourly_cost(typed, size) if settings.provider == "aws" else None
     if hourly is not None:
         outcome["cost_usd"] = hourly * outcome["wall_seconds"] / 3600
     return outcome
@@ -211,7 +215,7 @@ def derived(record: dict) -> list[dict]:
     return rows
 
 
-def write_outputs(settings: common.Settings, folder: Path, record: dict) -> None:
+def write_outputs(settings: config.Settings, folder: Path, record: dict) -> None:
     rows = derived(record)
     (folder / "sweep.json").write_text(json.dumps(record, indent=2))
     note = SHARED_CORES.format(cores=os.cpu_count()) if settings.provider == "local" and not settings.ssh_hosts \
@@ -288,4 +292,4 @@ def plot(rows: list[dict], note: str, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    common.main_guard(main)
+    output.main_guard(main)

@@ -10,16 +10,20 @@ import argparse
 import secrets
 import time
 
+import aws_nodes
 import checks
-import common
-from common import UserError
+import cluster
+import cluster_state
+import config
+import output
+from output import UserError
 
 
 def main(argv: list[str] | None = None) -> int:
     argparse.ArgumentParser(description=__doc__).parse_args(argv)
-    settings = common.load_settings()
-    with common.exclusive(settings, "up"):
-        state = common.read_state(settings)
+    settings = config.load_settings()
+    with cluster_state.exclusive(settings, "up"):
+        state = cluster_state.read_state(settings)
         if state and state.get("nodes"):
             already_up(settings, state)
             if settings.nodes <= len(state["nodes"]):
@@ -30,25 +34,25 @@ def main(argv: list[str] | None = None) -> int:
         if settings.dry_run:
             return show_plan(settings, count)
         if settings.provider == "local" and not settings.ssh_hosts:
-            common.ensure_local_key(settings)
+            cluster.ensure_local_key(settings)
 
         if not first:
-            state = {"format": common.STATE_FORMAT, "cluster_id": f"c-{secrets.token_hex(4)}",
+            state = {"format": cluster_state.STATE_FORMAT, "cluster_id": f"c-{secrets.token_hex(4)}",
                      "provider": settings.provider, "instance_type": settings.instance_type,
                      "created": time.time(), "nodes": [], "steps": {}, "runs": []}
         state["steps"].pop("setup", None)  # the new nodes are not set up yet
-        handles = common.clap(settings, state)
-        template = common.instance_info(settings, handles.config_db)
-        common.say(f"starting {count} {settings.instance_type} nodes (cluster {state['cluster_id']})")
+        handles = cluster.clap(settings, state)
+        template = cluster.instance_info(settings, handles.config_db)
+        output.say(f"starting {count} {settings.instance_type} nodes (cluster {state['cluster_id']})")
         if settings.provider == "aws":
-            cost = common.hourly_cost(settings, settings.nodes)
+            cost = aws_nodes.hourly_cost(settings, settings.nodes)
             if cost is not None:
-                common.say(f"expected cost: ${cost:.4f} per hour; they terminate themselves after "
+                output.say(f"expected cost: ${cost:.4f} per hour; they terminate themselves after "
                            f"MAX_HOURS={settings.max_hours:g} h")
-        common.write_state(settings, state)  # the cluster id, before anything starts
-        with common.recording(settings, state, "up"):
-            with common.clap_quietly(settings, "up", "start the nodes",
-                                     "`make down` stops any node that started"):
+        cluster_state.write_state(settings, state)  # the cluster id, before anything starts
+        with cluster_state.recording(settings, state, "up"):
+            with cluster.clap_quietly(settings, "up", "start the nodes",
+                                      "`make down` stops any node that started"):
                 ids = handles.node_manager.start_node(template, count=count)
                 nodes = {node.node_id: node for node in handles.node_manager.get_nodes_by_id(ids)}
                 state["nodes"] += [
@@ -57,15 +61,16 @@ def main(argv: list[str] | None = None) -> int:
                      "cloud_id": nodes[node_id].cloud_instance_id}
                     for rank, node_id in enumerate(ids, start=first)
                 ]
-                common.write_state(settings, state)  # recorded before anything else can fail
-                handles.node_manager.add_tags(ids, common.cluster_tags(state))
+                cluster_state.write_state(settings, state)  # recorded before anything else can fail
+                handles.node_manager.add_tags(ids, cluster_state.cluster_tags(state))
             if settings.provider == "aws":
-                common.adopt_instances(settings, state, [node["cloud_id"] for node in state["nodes"][first:]])
+                aws_nodes.adopt_instances(settings, state, [node["cloud_id"] for node in state["nodes"][first:]])
             if settings.connection_tries > 0:
-                dead = common.wait_for_ssh(settings, handles, state, ids)
-                names = ", ".join(map(common.short_id, dead))
+                dead = aws_nodes.wait_for_ssh(settings, handles, state, ids)
+                names = ", ".join(map(cluster_state.short_id, dead))
                 if dead and settings.provider == "aws":
-                    common.terminate_nodes(settings, handles, state, dead)  # a node that never answers is only a bill
+                    # a node that never answers is only a bill
+                    aws_nodes.terminate_nodes(settings, handles, state, dead)
                     left = len(state["nodes"])
                     raise UserError(f"nodes {names} did not answer SSH within BOOT_TIMEOUT={settings.boot_timeout} s "
                                     f"and were terminated; " + (f"the other {left} are recorded: `make down` stops "
@@ -74,13 +79,13 @@ def main(argv: list[str] | None = None) -> int:
                     raise UserError(f"nodes {names} do not answer SSH after {settings.connection_tries} "
                                     f"tries: they are recorded; `make down` stops them.")
     for node in state["nodes"]:
-        common.say(f"rank {node['rank']}: node {common.short_id(node['id'])} at {node['address']}")
-    common.say(f"{settings.nodes} nodes up in {state['steps']['up']['seconds']:.1f} s; next: make setup")
+        output.say(f"rank {node['rank']}: node {cluster_state.short_id(node['id'])} at {node['address']}")
+    output.say(f"{settings.nodes} nodes up in {state['steps']['up']['seconds']:.1f} s; next: make setup")
     return 0
 
 
-def show_plan(settings: common.Settings, count: int) -> int:
-    cost = common.hourly_cost(settings, settings.nodes) if settings.provider == "aws" else 0.0
+def show_plan(settings: config.Settings, count: int) -> int:
+    cost = aws_nodes.hourly_cost(settings, settings.nodes) if settings.provider == "aws" else 0.0
     ssh_plan = (f"for up to BOOT_TIMEOUT={settings.boot_timeout} s, terminating a node that never answers."
                 if settings.provider == "aws" and settings.connection_tries else f"{settings.connection_tries} times.")
     print(f"DRY RUN: would start {count} {settings.instance_type} nodes on {settings.provider}"
@@ -89,25 +94,25 @@ def show_plan(settings: common.Settings, count: int) -> int:
     return 0
 
 
-def already_up(settings: common.Settings, state: dict) -> None:
+def already_up(settings: config.Settings, state: dict) -> None:
     """The recorded nodes are all alive (and, to grow them, of INSTANCE_TYPE), or a sentence says what to do."""
-    handles = common.clap(settings, state)
-    alive = common.nodes_alive(handles, common.node_ids(state))
+    handles = cluster.clap(settings, state)
+    alive = cluster.nodes_alive(handles, cluster_state.node_ids(state))
     if all(alive.values()) and len(alive) >= settings.nodes:
-        common.say(f"already up: {len(alive)} nodes of cluster {state['cluster_id']}, nothing to do.")
+        output.say(f"already up: {len(alive)} nodes of cluster {state['cluster_id']}, nothing to do.")
         return
     if all(alive.values()):
-        common.check_provider(settings, state)
+        cluster_state.check_provider(settings, state)
         if state["instance_type"] != settings.instance_type:
             raise UserError(f"the cluster's nodes are {state['instance_type']}, not INSTANCE_TYPE="
                             f"{settings.instance_type}: set INSTANCE_TYPE={state['instance_type']} to add "
                             f"nodes, or `make down` first.")
-        common.say(f"growing cluster {state['cluster_id']} from {len(alive)} to {settings.nodes} nodes")
+        output.say(f"growing cluster {state['cluster_id']} from {len(alive)} to {settings.nodes} nodes")
         return
-    dead = ", ".join(common.short_id(node_id) for node_id, ok in alive.items() if not ok)
+    dead = ", ".join(cluster_state.short_id(node_id) for node_id, ok in alive.items() if not ok)
     raise UserError(f"{settings.nodes_file.name} lists nodes that are gone ({dead}): run `make down`, "
                     f"then `make up`.")
 
 
 if __name__ == "__main__":
-    common.main_guard(main)
+    output.main_guard(main)

@@ -21,7 +21,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
-import common  # noqa: E402
+import cluster  # noqa: E402
+import config  # noqa: E402
+import role  # noqa: E402
 from ec2_emulator import Ec2Emulator, ec2_emulator  # noqa: E402
 from local_hosts import LocalHosts  # noqa: E402
 
@@ -141,19 +143,19 @@ def role_cluster(hosts: list, ssh_key: Path, work: Path) -> Iterator[dict]:
     inventory = {"all": {"children": {"dcgan": {"hosts": {
         node_id: {"ansible_host": host.address, "ansible_user": "root", "ansible_port": 22,
                   "ansible_connection": "ssh", "ansible_ssh_private_key_file": str(ssh_key),
-                  "ansible_python_interpreter": common.NODE_PYTHON,
+                  "ansible_python_interpreter": role.NODE_PYTHON,
                   "node_rank": rank, "private_ip": host.address}
         for rank, (node_id, host) in enumerate(zip(ids, hosts, strict=True))}}}}}
-    settings = common.load_settings({"ENV_FILE": os.devnull, "CLAP_PATH": str(work / "clap")})
+    settings = config.load_settings({"ENV_FILE": os.devnull, "CLAP_PATH": str(work / "clap")})
     base_vars = {"efs_host": "", "efs_mount_point": str(efs), "user_dir": str(efs / "user"),
                  "cifar_data_dir": str(data), "runner": "native", "dcgan_dir": str(ROOT / "demo"),
                  "dcgan_python": sys.executable, "omp_num_threads": 1}
     try:
         yield {"ids": ids, "hosts": hosts, "inventory": inventory, "vars": base_vars, "work": work,
-               "env": {**os.environ, **common.ansible_env(settings)}, "user_dir": efs / "user"}
+               "env": {**os.environ, **cluster.ansible_env(settings)}, "user_dir": efs / "user"}
     finally:
-        common.close_connections(settings)
-        assert not common.control_dir(settings).exists()
+        cluster.close_connections(settings)
+        assert not cluster.control_dir(settings).exists()
 
 
 def play(cluster: dict, action: str, wait: bool = True, cancel: object = None,

@@ -434,14 +434,15 @@ def test_launched_by_matches_only_what_the_launch_asked_for() -> None:
 def test_an_ec2_refusal_becomes_one_sentence() -> None:
     from botocore.exceptions import ClientError
 
-    import common
+    import aws_nodes
+    import output
 
     error = ClientError({"Error": {"Code": "UnauthorizedOperation",
                                    "Message": "You are not authorized.\nEncoded message: abc"}}, "CreateTags")
     assert aws.refusal(error) == ("EC2 CreateTags was refused (UnauthorizedOperation: You are not authorized. "
                                   "Encoded message: abc): grant your IAM user ec2:CreateTags (an admin of the "
                                   "account can)")
-    with pytest.raises(common.UserError) as raised, common.aws_errors("the nodes are recorded"):
+    with pytest.raises(output.UserError) as raised, aws_nodes.aws_errors("the nodes are recorded"):
         raise error
     assert str(raised.value).endswith("(an admin of the account can); the nodes are recorded.")
 
@@ -464,37 +465,41 @@ class FakeNodes:
 
 def test_aws_up_waits_for_a_slow_boot_and_each_answer_caps_the_lifetime(
         project: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    import common
+    import aws_nodes
+    import cluster
+    import config
 
-    settings = common.load_settings({**project, "PROVIDER": "aws", "MAX_HOURS": "2"})
+    settings = config.load_settings({**project, "PROVIDER": "aws", "MAX_HOURS": "2"})
     assert settings.boot_timeout == 300  # the default: a fresh Ubuntu can take minutes
     nodes = FakeNodes({"fast": 0, "slow": 240, "never": float("inf")})
-    monkeypatch.setattr(common.time, "monotonic", lambda: nodes.now)
-    monkeypatch.setattr(common.time, "sleep", nodes.sleep)
-    handles = common.Clap(None, nodes, None)
+    monkeypatch.setattr(aws_nodes.time, "monotonic", lambda: nodes.now)
+    monkeypatch.setattr(aws_nodes.time, "sleep", nodes.sleep)
+    handles = cluster.Clap(None, nodes, None)
     state = {"created": time.time() - 30 * 60 + 30}  # `up` began 29.5 min ago: 90 of MAX_HOURS=2 left
 
-    assert common.wait_for_ssh(settings, handles, state, ["fast", "slow"]) == []
+    assert aws_nodes.wait_for_ssh(settings, handles, state, ["fast", "slow"]) == []
     assert nodes.calls[0] == (["fast", "slow"], {"retries": 1, "test_command": "sudo -n shutdown -h +90"})
     assert all(ids == ["slow"] for ids, _ in nodes.calls[1:])  # a node that answered is not asked again
 
     nodes.now, nodes.calls = 0.0, []
-    assert common.wait_for_ssh(settings, handles, state, ["fast", "never"]) == ["never"]
-    assert 300 - common.AWS_SSH_EVERY_S <= nodes.now <= 300  # given up at BOOT_TIMEOUT, not after 3 x 5 s
+    assert aws_nodes.wait_for_ssh(settings, handles, state, ["fast", "never"]) == ["never"]
+    assert 300 - aws_nodes.AWS_SSH_EVERY_S <= nodes.now <= 300  # given up at BOOT_TIMEOUT, not after 3 x 5 s
 
-    local = common.load_settings({**project, "CONNECTION_TRIES": "3"})
+    local = config.load_settings({**project, "CONNECTION_TRIES": "3"})
     nodes.calls = []
-    assert common.wait_for_ssh(local, handles, state, ["never"]) == ["never"]
+    assert aws_nodes.wait_for_ssh(local, handles, state, ["never"]) == ["never"]
     assert nodes.calls == [(["never"], {"retries": 3, "wait_timeout": 5})]
 
 
 def test_setup_and_up_agree_on_the_lifetime_cap(project: dict) -> None:
-    import common
+    import aws_nodes
+    import config
+    import role
 
-    settings = common.load_settings({**project, "PROVIDER": "aws", "MAX_HOURS": "3"})
+    settings = config.load_settings({**project, "PROVIDER": "aws", "MAX_HOURS": "3"})
     state = {"created": time.time() - 60 * 60 + 30, "nodes": []}
-    assert common.role_vars(settings, state, "setup")["shutdown_after_minutes"] == 120
-    assert common.lifetime_command(common.lifetime_minutes(settings, state)) == "sudo -n shutdown -h +120"
+    assert role.role_vars(settings, state, "setup")["shutdown_after_minutes"] == 120
+    assert aws_nodes.lifetime_command(aws_nodes.lifetime_minutes(settings, state)) == "sudo -n shutdown -h +120"
 
 
 def test_env_example_offers_the_efs_mount_target_address() -> None:

@@ -255,9 +255,9 @@ def test_up_terminates_nodes_that_never_answer_ssh(aws_env: dict, emulator: Ec2E
     up = emulator.python(f"""
 import sys
 sys.path.insert(0, {str(ROOT / "scripts")!r})
-import common, up
-common.wait_for_ssh = lambda settings, handles, state, ids: list(ids)  # BOOT_TIMEOUT passed, none answered
-common.main_guard(up.main)
+import aws_nodes, output, up
+aws_nodes.wait_for_ssh = lambda settings, handles, state, ids: list(ids)  # BOOT_TIMEOUT passed, none answered
+output.main_guard(up.main)
 """, extra_env={**env, "CONNECTION_TRIES": "1", "BOOT_TIMEOUT": "10"}, timeout=600)
     state = json.loads(Path(aws_env["NODES_FILE"]).read_text())
     try:

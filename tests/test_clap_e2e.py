@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-import common
+import cluster
+import config
 from conftest import ROOT, clap_checkout, leftovers, need_root, subnet, subnet_tag
 from local_hosts import LocalHosts
 
@@ -51,7 +52,7 @@ def test_make_all_trains_fetches_and_leaves_nothing(env: dict) -> None:
     assert_trained(runs[0], epochs=2)
     assert (runs[0] / "report.png").is_file() and f"report: wrote {runs[0]}/summary.json" in done.stdout
     assert not Path(env["NODES_FILE"]).exists()
-    assert not common.control_dir(common.load_settings(env)).exists()  # no SSH socket folder left in /tmp
+    assert not cluster.control_dir(config.load_settings(env)).exists()  # no SSH socket folder left in /tmp
     assert leftovers(subnet_tag(251)) == []
     assert json.loads((Path(env["CLAP_PATH"]) / "storage" / "local" / "hosts.json").read_text()) == []
 
@@ -203,12 +204,12 @@ def test_your_own_ssh_hosts_are_used_and_never_removed(env: dict, ssh_key: Path,
 def assert_progress_reads_only_what_is_new(env: dict) -> None:
     """The live progress over SSH: a second read brings only the bytes written since the first."""
     snippet = """
-import json, common
-settings = common.load_settings()
-state = common.read_state(settings)
-logs = common.RunLogs(settings, state, state["runs"][-1]["id"])
+import json, cluster_state, config, run_logs
+settings = config.load_settings()
+state = cluster_state.read_state(settings)
+logs = run_logs.RunLogs(settings, state, state["runs"][-1]["id"])
 first = logs.read()
-with open(f"{common.run_folder(settings, state['runs'][-1]['id'])}/output-1.txt", "a") as out:
+with open(f"{run_logs.run_folder(settings, state['runs'][-1]['id'])}/output-1.txt", "a") as out:
     out.write("one more line\\n")
 print(json.dumps({"first": first, "new": logs._read_on_master(), "sizes": logs.sizes}))
 """

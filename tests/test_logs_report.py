@@ -23,10 +23,11 @@ SCRIPTS = ROOT / "scripts"
 DATA = ROOT / "tests" / "data"
 sys.path.insert(0, str(SCRIPTS))
 
-import common  # noqa: E402
+import config  # noqa: E402
 import dcgan_logs  # noqa: E402
 import report  # noqa: E402
 import run  # noqa: E402
+import run_logs  # noqa: E402
 from dcgan_logs import parse_log, parse_run_folder, progress_line, summary  # noqa: E402
 
 # --- builders for upstream-format text ---------------------------------------
@@ -667,9 +668,9 @@ def test_report_before_any_iteration_and_with_a_half_written_png(tmp_path):
 def test_the_closing_progress_report_is_not_a_repeat(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """A run that ends right after a periodic report shows its final lines once, not twice;
     a closing report with news in it is shown."""
-    settings = common.load_settings({"ENV_FILE": os.devnull, "EFS_MOUNT_POINT": str(tmp_path),
+    settings = config.load_settings({"ENV_FILE": os.devnull, "EFS_MOUNT_POINT": str(tmp_path),
                                      "CLAP_PATH": str(tmp_path / "clap")})
-    folder = Path(common.run_folder(settings, "r1"))
+    folder = Path(run_logs.run_folder(settings, "r1"))
     folder.mkdir(parents=True)
     log = folder / "output-0.txt"
     log.write_text(build_log(0, 1, 2, 4, stop=(1, 1))[0])

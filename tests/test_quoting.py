@@ -13,19 +13,21 @@ from pathlib import Path
 
 import pytest
 
-import common
+import config
+import output
+import role
 from conftest import ROOT, failure_messages, play, role_cluster
 
 ARGV_PRINTER = "#!/bin/sh\nexec {python} -c 'import json, sys; print(json.dumps(sys.argv[1:]))' \"$@\"\n"
 
 
-def rendered_command(tmp_path: Path, **settings: str) -> tuple[common.Settings, str]:
+def rendered_command(tmp_path: Path, **settings: str) -> tuple[config.Settings, str]:
     """The native rank command of rank 0 as DRY_RUN shows it, without the watchdog's environment."""
     env = {"ENV_FILE": os.devnull, "CLAP_PATH": str(ROOT / "clap_config"), "PROVIDER": "local", **settings}
-    loaded = common.load_settings(env)
+    loaded = config.load_settings(env)
     state = {"nodes": [{"id": "a" * 32, "rank": 0, "address": "10.0.0.2", "private_address": "10.0.0.2"}]}
-    extra = common.role_vars(loaded, state, "run", "run-1")
-    command = common.rank_command(loaded, state, extra, common.node_vars(state)["a" * 32])
+    extra = role.role_vars(loaded, state, "run", "run-1")
+    command = role.rank_command(loaded, state, extra, role.node_vars(state)["a" * 32])
     return loaded, command.partition(" PYTHONUNBUFFERED=1 ")[2]
 
 
@@ -51,8 +53,8 @@ def test_paths_with_spaces_and_quoted_arguments_reach_the_app_as_written(tmp_pat
 
 def test_app_args_with_an_unclosed_quote_is_one_clear_sentence() -> None:
     message = r"""APP_ARGS="--name 'x" does not split into arguments .*close the quote"""
-    with pytest.raises(common.UserError, match=message):
-        common.load_settings({"ENV_FILE": os.devnull, "APP_ARGS": "--name 'x"})
+    with pytest.raises(output.UserError, match=message):
+        config.load_settings({"ENV_FILE": os.devnull, "APP_ARGS": "--name 'x"})
 
 
 @pytest.fixture(scope="module")

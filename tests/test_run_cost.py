@@ -17,16 +17,17 @@ from types import ModuleType
 import yaml
 
 import bench
-import common
+import cluster
+import config
 
-WATCHDOG = common.ROOT / "clap_config" / "roles" / "roles" / "files" / "rank_watchdog.py"
+WATCHDOG = config.ROOT / "clap_config" / "roles" / "roles" / "files" / "rank_watchdog.py"
 
 
 def test_ansible_waits_without_spinning(tmp_path: Path) -> None:
     """Ansible's main loop wakes every millisecond by default while a task runs (a tenth of a core
     for the whole training); the project's ansible.cfg, which every step's Ansible reads, slows it."""
-    settings = common.load_settings({"ENV_FILE": os.devnull, "CLAP_PATH": str(tmp_path)})
-    env = {**os.environ, **common.ansible_env(settings)}
+    settings = config.load_settings({"ENV_FILE": os.devnull, "CLAP_PATH": str(tmp_path)})
+    env = {**os.environ, **cluster.ansible_env(settings)}
     ansible_config = Path(env["PATH"].split(os.pathsep)[0]) / "ansible-config"
     dump = subprocess.run([str(ansible_config), "dump", "--only-changed"], env=env, capture_output=True,
                           text=True, check=True).stdout
@@ -48,7 +49,7 @@ def test_bench_counts_what_it_started_as_machinery_here() -> None:
 
 def test_bench_counts_the_watchdogs_as_machinery_and_the_ranks_as_training() -> None:
     """A watchdog names its rank's command in its own arguments; it is still machinery, not training."""
-    play = yaml.safe_load((common.ROOT / "clap_config" / "roles" / "roles" / "dcgan_run.yaml").read_text())[0]
+    play = yaml.safe_load((config.ROOT / "clap_config" / "roles" / "roles" / "dcgan_run.yaml").read_text())[0]
     watchdog_argv = play["tasks"][-1]["vars"]["dcgan_watchdog_argv"]
     rank = "env OMP_NUM_THREADS=1 python3 -m torch.distributed.run --nnodes 2 demo/dist_dcgan.py"
     assert not bench.is_training("\0".join([*watchdog_argv[:-1], rank]))

@@ -16,7 +16,11 @@ from pathlib import Path
 
 import pytest
 
-import common
+import cluster
+import cluster_state
+import config
+import output
+import role
 from conftest import ROOT
 
 
@@ -26,7 +30,7 @@ def step(name: str, env: dict[str, str], **extra: str) -> subprocess.CompletedPr
 
 
 def write_nodes(env: dict[str, str], **fields: object) -> dict:
-    state = {"format": common.STATE_FORMAT, "cluster_id": "c-test", "provider": "local",
+    state = {"format": cluster_state.STATE_FORMAT, "cluster_id": "c-test", "provider": "local",
              "instance_type": "type-local", "created": time.time(), "steps": {}, "runs": [],
              "nodes": [{"id": "a" * 32, "rank": 0, "name": "n0", "address": "10.0.0.2",
                         "private_address": "10.0.0.2"}]}
@@ -76,15 +80,15 @@ def test_malformed_yaml_in_clap_config_names_file_and_line(project: dict) -> Non
 def test_env_file_overrides_defaults_and_environment_overrides_it(tmp_path: Path) -> None:
     env_file = tmp_path / ".env"
     env_file.write_text("NODES=4  # a comment\nEPOCHS=3\nAPP_ARGS=\"--max_workers 0\"\n")
-    settings = common.load_settings({"ENV_FILE": str(env_file), "EPOCHS": "5"})
+    settings = config.load_settings({"ENV_FILE": str(env_file), "EPOCHS": "5"})
     assert (settings.nodes, settings.epochs, settings.app_args) == (4, 5, "--max_workers 0")
     assert {"NODES", "EPOCHS", "APP_ARGS"} <= settings.user_set
 
 
 def test_provider_defaults_fill_empty_settings() -> None:
-    aws = common.load_settings({"ENV_FILE": os.devnull, "PROVIDER": "aws"})
+    aws = config.load_settings({"ENV_FILE": os.devnull, "PROVIDER": "aws"})
     assert (aws.instance_type, aws.runner, aws.user_dir) == ("type-t2.medium", "docker", "/home/ubuntu/efs/dcgan")
-    local = common.load_settings({"ENV_FILE": os.devnull})
+    local = config.load_settings({"ENV_FILE": os.devnull})
     assert (local.instance_type, local.runner, local.synthetic_data) == ("type-local", "native", True)
 
 
@@ -136,8 +140,8 @@ def test_damaged_nodes_file_is_explained(project: dict) -> None:
 
 
 def test_state_is_replaced_atomically(project: dict) -> None:
-    settings = common.load_settings(project)
-    common.write_state(settings, {"format": 1, "nodes": [], "big": "x" * 100_000})
+    settings = config.load_settings(project)
+    cluster_state.write_state(settings, {"format": 1, "nodes": [], "big": "x" * 100_000})
     seen = []
 
     def reader() -> None:
@@ -147,7 +151,7 @@ def test_state_is_replaced_atomically(project: dict) -> None:
     thread = threading.Thread(target=reader)
     thread.start()
     for size in range(200):
-        common.write_state(settings, {"format": 1, "nodes": [], "big": "y" * (100_000 + size)})
+        cluster_state.write_state(settings, {"format": 1, "nodes": [], "big": "y" * (100_000 + size)})
     thread.join()
     assert seen and all(n >= 100_000 for n in seen)  # every read parsed: never half a file
     assert not list(settings.nodes_file.parent.glob(".nodes.json.*.tmp"))
@@ -155,8 +159,8 @@ def test_state_is_replaced_atomically(project: dict) -> None:
 
 def test_second_command_on_the_same_nodes_file_refuses(project: dict) -> None:
     write_nodes(project)
-    settings = common.load_settings(project)
-    with common.exclusive(settings, "run"):
+    settings = config.load_settings(project)
+    with cluster_state.exclusive(settings, "run"):
         done = step("setup", project)
     assert done.returncode == 1
     assert f"`make run` (PID {os.getpid()}) is using nodes.json" in done.stderr
@@ -248,15 +252,15 @@ def fake_fetch(project: dict, monkeypatch: pytest.MonkeyPatch) -> list[str]:
         monkeypatch.setenv(name, value)
     fetched: list[str] = []
 
-    def play(settings: common.Settings, handles: object, state: dict, action: str, run_id: str) -> FakeResult:
+    def play(settings: config.Settings, handles: object, state: dict, action: str, run_id: str) -> FakeResult:
         assert action == "results" and len(state["nodes"]) == 1
         (settings.results_dir / run_id).mkdir(parents=True)
         (settings.results_dir / run_id / "output-0.txt").write_text(run_id)
         fetched.append(run_id)
         return FakeResult()
 
-    monkeypatch.setattr(common, "clap", lambda settings, state: None)
-    monkeypatch.setattr(common, "play", play)
+    monkeypatch.setattr(cluster, "clap", lambda settings, state: None)
+    monkeypatch.setattr(role, "play", play)
     monkeypatch.setattr(results.report, "main", lambda argv: 0)
     return fetched
 
@@ -306,9 +310,9 @@ def test_results_of_one_run_by_id(project: dict, fake_fetch: list[str], monkeypa
         monkeypatch.setenv("RUN_ID", "r1")
     assert results.main(["--run-id", "r1"] if how == "--run-id" else []) == 0
     assert fake_fetch == ["r1"]
-    with pytest.raises(common.UserError, match=r"already exists: run r1 was fetched before"):
+    with pytest.raises(output.UserError, match=r"already exists: run r1 was fetched before"):
         results.main(["--run-id", "r1"])
-    with pytest.raises(common.UserError, match=r"RUN_ID=r9: no such run in nodes.json: pick one of r1, r2\."):
+    with pytest.raises(output.UserError, match=r"RUN_ID=r9: no such run in nodes.json: pick one of r1, r2\."):
         results.main(["--run-id", "r9"])
     assert fake_fetch == ["r1"]
 
@@ -318,10 +322,10 @@ def test_a_failure_in_a_steps_log_is_named_with_the_log(tmp_path: Path) -> None:
     log.write_text('2026-01-01 p=1 u=root n=ansible | TASK [Check the app]\n'
                    '2026-01-01 p=1 u=root n=ansible | fatal: [33785da822464d87]: FAILED! => '
                    '{"changed": false, "msg": "/usr/bin/python3 has no torch on 33785da8: set DCGAN_PYTHON. "}\n')
-    assert common.logged_failure(log) == (f"node 33785da8: /usr/bin/python3 has no torch on 33785da8: set DCGAN_PYTHON."
-                                          f" (whole output: {log})")
+    assert role.logged_failure(log) == (f"node 33785da8: /usr/bin/python3 has no torch on 33785da8: set DCGAN_PYTHON."
+                                        f" (whole output: {log})")
     log.write_text("PLAY RECAP\n")
-    assert common.logged_failure(log) == f"its message is in {log}"
+    assert role.logged_failure(log) == f"its message is in {log}"
 
 
 def test_a_run_going_on_fewer_nodes_is_re_attached_on_its_own_ranks(project: dict) -> None:

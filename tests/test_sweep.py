@@ -195,7 +195,8 @@ def test_a_point_whose_fetch_fails_is_recorded_failed_not_the_end_of_the_sweep(
         project: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """The run trained but `make results` failed (a full disk, a lost link): the point is failed,
     with a reason, and the sweep goes on to its next point instead of stopping there."""
-    import common
+    import config
+    import output
     import sweep
     from test_steps import write_nodes
 
@@ -207,10 +208,10 @@ def test_a_point_whose_fetch_fails_is_recorded_failed_not_the_end_of_the_sweep(
         monkeypatch.setattr(step, "main", lambda argv: 0)
 
     def fetch_fails(argv: list[str]) -> int:
-        raise common.UserError("results of run run-1 failed: no space left on device")
+        raise output.UserError("results of run run-1 failed: no space left on device")
 
     monkeypatch.setattr(sweep.results, "main", fetch_fails)
-    settings = common.load_settings()
+    settings = config.load_settings()
     outcome = sweep.run_point(settings, settings, "type-local", 1, 1, 2)
     assert outcome["state"] == "failed" and outcome["reason"] == "run run-1 was not fetched"
     assert outcome["run_id"] == "run-1" and outcome["wall_seconds"] == 9

@@ -1,0 +1,228 @@
+"""The settings, as every step reads them.
+
+One path for every setting: its default in vars.sh, then .env, then the
+environment (which `make NAME=value` sets); validated here, once, with the
+sentence the user sees.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from output import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+PROGRESS_EVERY_S = 10  # seconds between two progress reports of a run
+
+PROVIDER_DEFAULTS = {
+    "local": {
+        "INSTANCE_TYPE": "type-local",
+        "RUNNER": "native",
+        "EFS_MOUNT_POINT": str(ROOT / ".cluster" / "efs"),
+        "USER_DIR": "{EFS_MOUNT_POINT}/dcgan",
+        "DCGAN_DIR": str(ROOT / "demo"),
+        "CIFAR_DATA_DIR": "{EFS_MOUNT_POINT}/data/cifar10",
+        "DCGAN_PYTHON": sys.executable,
+    },
+    "aws": {
+        "INSTANCE_TYPE": "type-t2.medium",
+        "RUNNER": "docker",
+        "EFS_MOUNT_POINT": "/home/ubuntu/efs",
+        "USER_DIR": "{EFS_MOUNT_POINT}/dcgan",
+        "DCGAN_DIR": "{USER_DIR}/Distributed-DCGAN",
+        "CIFAR_DATA_DIR": "{EFS_MOUNT_POINT}/data/cifar10",
+        "DCGAN_PYTHON": "python3",
+    },
+}
+
+
+def _read_assignments(path: Path) -> dict[str, str]:
+    values = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, value = line.partition("=")
+        if not sep or not name.strip().isidentifier():
+            raise UserError(f"{path}:{number}: expected NAME=value, got '{line}'.")
+        try:
+            values[name.strip()] = " ".join(shlex.split(value, comments=True))
+        except ValueError as error:
+            raise UserError(f"{path}:{number}: {error} in '{line}': close the quote.") from None
+    return values
+
+
+@dataclass(frozen=True)
+class Settings:
+    provider: str
+    nodes: int
+    instance_type: str
+    epochs: int
+    results_dir: Path
+    nodes_file: Path
+    runner: str
+    efs_host: str
+    efs_mount_point: str
+    user_dir: str
+    dcgan_dir: str
+    cifar_data_dir: str
+    dcgan_python: str
+    app_args: str
+    synthetic_images: int
+    connection_tries: int
+    boot_timeout: int
+    run_timeout: int
+    stall_timeout: int
+    master_port: int
+    keypair_name: str
+    max_hours: float
+    ssh_hosts: list[str]
+    ssh_user: str
+    local_subnet: str
+    clap_path: Path
+    clap: Path
+    dry_run: bool
+    run_id: str
+    verbose: bool
+    sizes: list[int]
+    instance_types: list[str]
+    max_sweep_cost: float
+    user_set: frozenset[str] = field(default_factory=frozenset)  # the names the user set
+
+    @property
+    def synthetic_data(self) -> bool:
+        """The local default with no data of the user's: we make a synthetic set."""
+        return self.provider == "local" and "CIFAR_DATA_DIR" not in self.user_set
+
+    @property
+    def local_dir(self) -> Path:
+        """Where the local provider keeps its hosts' records."""
+        return self.clap_path / "storage" / "local"
+
+
+def _whole(raw: dict[str, str], name: str, minimum: int, example: str) -> int:
+    value = raw[name].strip()
+    try:
+        number = int(value)
+    except ValueError:
+        raise UserError(f"{name}={value!r} is not a whole number: set it like {name}={example}.") from None
+    if number < minimum:
+        raise UserError(f"{name}={number} must be at least {minimum}: set it like {name}={example}.")
+    return number
+
+
+def _stall_timeout(raw: dict[str, str]) -> int:
+    seconds = _whole(raw, "STALL_TIMEOUT", 0, "300")
+    if 0 < seconds < PROGRESS_EVERY_S:
+        raise UserError(f"STALL_TIMEOUT={seconds} is shorter than the progress report interval "
+                        f"({PROGRESS_EVERY_S} s): set it like STALL_TIMEOUT=300, or STALL_TIMEOUT=0 to turn it off.")
+    return seconds
+
+
+def _hours(value: str) -> float:
+    try:
+        hours = float(value)
+    except ValueError:
+        hours = -1
+    if not 0 < hours <= 168:
+        raise UserError(f"MAX_HOURS={value!r} must be a number of hours above 0 and at most 168: "
+                        f"set it like MAX_HOURS=3.")
+    return hours
+
+
+def _app_args(value: str) -> str:
+    try:
+        shlex.split(value)
+    except ValueError as error:
+        raise UserError(f"APP_ARGS={value!r} does not split into arguments ({error}): close the quote.") from None
+    return value
+
+
+def _sizes(value: str) -> list[int]:
+    sizes = []
+    for part in value.split(","):
+        if not part.strip().isdigit() or int(part) < 1:
+            raise UserError(f"SIZES={value!r} must list whole numbers of nodes above 0, comma-separated: "
+                            f"set it like SIZES=1,2,4.")
+        sizes.append(int(part))
+    return sorted(set(sizes))
+
+
+def _dollars(value: str) -> float:
+    try:
+        dollars = float(value)
+    except ValueError:
+        dollars = -1
+    if not 0 <= dollars < float("inf"):
+        raise UserError(f"MAX_SWEEP_COST={value!r} must be a number of US dollars: set it like MAX_SWEEP_COST=5.")
+    return dollars
+
+
+def load_settings(environ: dict[str, str] | None = None) -> Settings:
+    environ = dict(os.environ if environ is None else environ)
+    raw = _read_assignments(ROOT / "vars.sh")
+    env_file = Path(environ.get("ENV_FILE") or ROOT / ".env")
+    user: dict[str, str] = _read_assignments(env_file) if env_file.exists() else {}
+    user.update({name: environ[name] for name in raw if name in environ})
+    user = {name: value for name, value in user.items() if name in raw}
+    raw.update(user)
+    user_set = frozenset(name for name, value in user.items() if value.strip())
+
+    provider = raw["PROVIDER"].strip()
+    if provider not in PROVIDER_DEFAULTS:
+        raise UserError(f"PROVIDER={provider!r} is unknown: use PROVIDER=local or PROVIDER=aws.")
+    for name, default in PROVIDER_DEFAULTS[provider].items():
+        if not raw[name].strip():
+            raw[name] = default
+    if provider == "local" and raw["SSH_HOSTS"].strip() and "INSTANCE_TYPE" not in user_set:
+        raw["INSTANCE_TYPE"] = "type-ssh"
+    for name in ("EFS_MOUNT_POINT", "USER_DIR", "DCGAN_DIR", "CIFAR_DATA_DIR"):
+        raw[name] = raw[name].format(**raw)
+    if raw["RUNNER"] not in ("native", "docker"):
+        raise UserError(f"RUNNER={raw['RUNNER']!r} is unknown: use RUNNER=native or RUNNER=docker.")
+
+    def local_path(name: str) -> str:
+        # On the local cluster the nodes share this machine's filesystem: resolve here.
+        return str(Path(raw[name]).resolve()) if provider == "local" else raw[name]
+
+    clap_path = (ROOT / raw["CLAP_PATH"]).resolve()
+    return Settings(
+        provider=provider,
+        nodes=_whole(raw, "NODES", 1, "2"),
+        instance_type=raw["INSTANCE_TYPE"],
+        epochs=_whole(raw, "EPOCHS", 1, "2"),
+        results_dir=Path(raw["RESULTS_DIR"]).resolve(),
+        nodes_file=Path(raw["NODES_FILE"]).resolve(),
+        runner=raw["RUNNER"],
+        efs_host=raw["EFS_HOST"],
+        efs_mount_point=local_path("EFS_MOUNT_POINT"),
+        user_dir=local_path("USER_DIR"),
+        dcgan_dir=local_path("DCGAN_DIR"),
+        cifar_data_dir=local_path("CIFAR_DATA_DIR"),
+        dcgan_python=raw["DCGAN_PYTHON"],
+        app_args=_app_args(raw["APP_ARGS"]),
+        synthetic_images=_whole(raw, "SYNTHETIC_IMAGES", 32, "512"),
+        connection_tries=_whole(raw, "CONNECTION_TRIES", 0, "3"),
+        boot_timeout=_whole(raw, "BOOT_TIMEOUT", 10, "300"),
+        run_timeout=_whole(raw, "RUN_TIMEOUT", 30, "3600"),
+        stall_timeout=_stall_timeout(raw),
+        master_port=_whole(raw, "MASTER_PORT", 1024, "29500"),
+        keypair_name=raw["KEYPAIR_NAME"],
+        max_hours=_hours(raw["MAX_HOURS"]),
+        ssh_hosts=[h.strip() for h in raw["SSH_HOSTS"].split(",") if h.strip()],
+        ssh_user=raw["SSH_USER"],
+        local_subnet=raw["LOCAL_SUBNET"],
+        clap_path=clap_path,
+        clap=Path(environ.get("CLAP") or ROOT / "CLAP").resolve(),
+        dry_run=raw["DRY_RUN"].strip() not in ("", "0"),
+        run_id=raw["RUN_ID"].strip(),
+        verbose=raw["VERBOSE"].strip() not in ("", "0"),
+        sizes=_sizes(raw["SIZES"]),
+        instance_types=[t.strip() for t in raw["INSTANCE_TYPES"].split(",") if t.strip()] or [raw["INSTANCE_TYPE"]],
+        max_sweep_cost=_dollars(raw["MAX_SWEEP_COST"]),
+        user_set=user_set,
+    )

@@ -11,6 +11,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import local_efs
+import local_vm
 from aws_nodes import aws_errors
 from clap_configs import aws_template, check_configs
 from config import Settings
@@ -38,12 +40,6 @@ def check_results_dir(settings: Settings) -> None:
 
 def check_local(settings: Settings) -> None:
     """What the local provider needs on this machine, and the user's app and data."""
-    if "DCGAN_DIR" in settings.user_set and not Path(settings.dcgan_dir, "dist_dcgan.py").is_file():
-        raise UserError(f"DCGAN_DIR={settings.dcgan_dir} has no dist_dcgan.py: point DCGAN_DIR at a clone of "
-                        f"eborin/Distributed-DCGAN (or leave it empty for the demo app).")
-    if "CIFAR_DATA_DIR" in settings.user_set and not test_batch(settings).is_file():
-        raise UserError(f"CIFAR_DATA_DIR={settings.cifar_data_dir} has no cifar-10-batches-py/test_batch: "
-                        f"extract cifar-10-python.tar.gz there (or leave it empty for a synthetic set).")
     if settings.ssh_hosts:
         key = settings.clap_path / "private" / "ssh_key"
         if not key.is_file():
@@ -58,9 +54,37 @@ def check_local(settings: Settings) -> None:
                           ("ssh", "openssh-client")):
         if not shutil.which(tool, path="/usr/sbin:/usr/bin:/sbin:/bin"):
             raise UserError(f"`{tool}` is missing: apt-get install {package}.")
+    if settings.cloud_like:
+        check_cloud_like(settings)
+    else:
+        check_app_here(settings)
+
+
+def check_app_here(settings: Settings) -> None:
+    """The app, data and Python the nodes use, on this machine."""
+    if "DCGAN_DIR" in settings.user_set and not Path(settings.dcgan_dir, "dist_dcgan.py").is_file():
+        raise UserError(f"DCGAN_DIR={settings.dcgan_dir} has no dist_dcgan.py: point DCGAN_DIR at a clone of "
+                        f"eborin/Distributed-DCGAN (or leave it empty for the demo app).")
+    if "CIFAR_DATA_DIR" in settings.user_set and not test_batch(settings).is_file():
+        raise UserError(f"CIFAR_DATA_DIR={settings.cifar_data_dir} has no cifar-10-batches-py/test_batch: "
+                        f"extract cifar-10-python.tar.gz there (or leave it empty for a synthetic set).")
     if not shutil.which(settings.dcgan_python):
         raise UserError(f"DCGAN_PYTHON={settings.dcgan_python} is not an executable: point it at a Python "
                         f"that has torch.")
+
+
+def check_cloud_like(settings: Settings) -> None:
+    """The cloud-like nodes' tools on this machine, and the user's app and data on the EFS stand-in."""
+    missing = local_vm.needs()
+    if missing:
+        raise UserError(f"INSTANCE_TYPE={settings.instance_type} needs {', '.join(missing)} on this machine: "
+                        f"apt-get install {' '.join(missing)}.")
+    local_efs.check_app(settings)
+    data = local_efs.on_export(settings, settings.cifar_data_dir)
+    if "CIFAR_DATA_DIR" in settings.user_set and not (data and (data / "cifar-10-batches-py/test_batch").is_file()):
+        raise UserError(f"CIFAR_DATA_DIR={settings.cifar_data_dir} has no cifar-10-batches-py/test_batch on the EFS "
+                        f"stand-in ({data or 'not below EFS_MOUNT_POINT'}): extract cifar-10-python.tar.gz there "
+                        f"(or leave CIFAR_DATA_DIR empty for a synthetic set).")
 
 
 def test_batch(settings: Settings) -> Path:

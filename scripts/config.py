@@ -13,11 +13,21 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from output import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 PROGRESS_EVERY_S = 10  # seconds between two progress reports of a run
 
+CLOUD_LIKE = {  # as on AWS: the app and data on the (stand-in) EFS, the app in Docker
+    "RUNNER": "docker",
+    "EFS_MOUNT_POINT": "/home/ubuntu/efs",
+    "USER_DIR": "{EFS_MOUNT_POINT}/dcgan",
+    "DCGAN_DIR": "{USER_DIR}/Distributed-DCGAN",
+    "CIFAR_DATA_DIR": "{EFS_MOUNT_POINT}/data/cifar10",
+    "DCGAN_PYTHON": "python3",
+}
 PROVIDER_DEFAULTS = {
     "local": {
         "INSTANCE_TYPE": "type-local",
@@ -28,16 +38,9 @@ PROVIDER_DEFAULTS = {
         "CIFAR_DATA_DIR": "{EFS_MOUNT_POINT}/data/cifar10",
         "DCGAN_PYTHON": sys.executable,
     },
-    "aws": {
-        "INSTANCE_TYPE": "type-t2.medium",
-        "RUNNER": "docker",
-        "EFS_MOUNT_POINT": "/home/ubuntu/efs",
-        "USER_DIR": "{EFS_MOUNT_POINT}/dcgan",
-        "DCGAN_DIR": "{USER_DIR}/Distributed-DCGAN",
-        "CIFAR_DATA_DIR": "{EFS_MOUNT_POINT}/data/cifar10",
-        "DCGAN_PYTHON": "python3",
-    },
+    "aws": {"INSTANCE_TYPE": "type-t2.medium", **CLOUD_LIKE},
 }
+VM_FLAVOR = "vm"  # the local provider's cloud-like nodes (local_vm.py)
 
 
 def _read_assignments(path: Path) -> dict[str, str]:
@@ -92,11 +95,17 @@ class Settings:
     instance_types: list[str]
     max_sweep_cost: float
     user_set: frozenset[str] = field(default_factory=frozenset)  # the names the user set
+    cloud_like: bool = False  # local nodes of the vm flavor: a whole OS each, an EFS stand-in, Docker
 
     @property
     def synthetic_data(self) -> bool:
-        """The local default with no data of the user's: we make a synthetic set."""
+        """The local cluster with no data of the user's: we make a synthetic set."""
         return self.provider == "local" and "CIFAR_DATA_DIR" not in self.user_set
+
+    @property
+    def shares_this_filesystem(self) -> bool:
+        """The nodes see this machine's files (namespace hosts): their paths are paths here."""
+        return self.provider == "local" and not self.ssh_hosts and not self.cloud_like
 
     @property
     def local_dir(self) -> Path:
@@ -180,16 +189,21 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
             raw[name] = default
     if provider == "local" and raw["SSH_HOSTS"].strip() and "INSTANCE_TYPE" not in user_set:
         raw["INSTANCE_TYPE"] = "type-ssh"
+    clap_path = (ROOT / raw["CLAP_PATH"]).resolve()
+    cloud_like = provider == "local" and _flavor(clap_path, raw["INSTANCE_TYPE"]) == VM_FLAVOR
+    if cloud_like:
+        for name, default in CLOUD_LIKE.items():
+            if name not in user_set:
+                raw[name] = default
     for name in ("EFS_MOUNT_POINT", "USER_DIR", "DCGAN_DIR", "CIFAR_DATA_DIR"):
         raw[name] = raw[name].format(**raw)
     if raw["RUNNER"] not in ("native", "docker"):
         raise UserError(f"RUNNER={raw['RUNNER']!r} is unknown: use RUNNER=native or RUNNER=docker.")
 
     def local_path(name: str) -> str:
-        # On the local cluster the nodes share this machine's filesystem: resolve here.
-        return str(Path(raw[name]).resolve()) if provider == "local" else raw[name]
+        # On namespace hosts the nodes share this machine's filesystem: resolve here.
+        return str(Path(raw[name]).resolve()) if provider == "local" and not cloud_like else raw[name]
 
-    clap_path = (ROOT / raw["CLAP_PATH"]).resolve()
     return Settings(
         provider=provider,
         nodes=_whole(raw, "NODES", 1, "2"),
@@ -225,4 +239,15 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         instance_types=[t.strip() for t in raw["INSTANCE_TYPES"].split(",") if t.strip()] or [raw["INSTANCE_TYPE"]],
         max_sweep_cost=_dollars(raw["MAX_SWEEP_COST"]),
         user_set=user_set,
+        cloud_like=cloud_like,
     )
+
+
+def _flavor(clap_path: Path, instance_type: str) -> str:
+    """The flavor of an instance template; empty when it cannot be read (the steps' own check of the
+    CLAP files then names the problem)."""
+    try:
+        template = yaml.safe_load((clap_path / "configs" / "instances.yaml").read_text()).get(instance_type)
+        return str(template.get("flavor", ""))
+    except (OSError, yaml.YAMLError, AttributeError):
+        return ""

@@ -3,6 +3,8 @@
 Registered into CLAP's NodeManager by common.py (CLAP itself is unchanged). The
 instance template's `flavor` says where a node comes from:
   netns  a new network-namespace host made by local_hosts.py (the embedded default);
+  vm     a new cloud-like node (local_hosts.py, local_vm.py): its own Debian, users, apt and
+         Docker; each carries in `extra["efs"]` how the role mounts the cluster's EFS stand-in;
   ssh    the next address of SSH_HOSTS, machines you already have: never created
          or removed here, only handed to CLAP.
 """
@@ -19,7 +21,10 @@ from clap.abstract_provider import AbstractInstanceProvider, InstanceDeploymentE
 from clap.configs import InstanceInfo
 from clap.node import NodeDescriptor, NodeStatus, NodeType
 
-from local_hosts import LocalHosts
+import local_vm
+from local_hosts import Host, LocalHostError, LocalHosts
+
+MADE_HERE = ("netns", "vm")  # the flavors whose hosts this provider makes and removes
 
 
 class LocalProvider(AbstractInstanceProvider):
@@ -35,18 +40,22 @@ class LocalProvider(AbstractInstanceProvider):
 
     def start_instances(self, instance: InstanceInfo, count: int, timeout: int = 600) -> list[NodeDescriptor]:
         flavor = instance.instance.flavor
-        if flavor == "netns":
+        if flavor in MADE_HERE:
             key = self.private_dir / instance.login.keypair_public_file
-            made = self.hosts.create(count, key.read_text())
-            self._trust([(h.address, Path(h.state_dir) / "ssh_host_ed25519_key.pub") for h in made])
-            places = [(h.name, h.address, {"namespace": h.namespace, "host_pid": h.pid}) for h in made]
+            try:
+                made = self.hosts.create(count, key.read_text(), kind=flavor)
+            except LocalHostError as error:
+                raise InstanceDeploymentError(str(error)) from None
+            self._trust([(h.address, self._host_key(h)) for h in made])
+            efs = self._efs_mount() if flavor == "vm" else {}
+            places = [(h.name, h.address, {"namespace": h.namespace, "host_pid": h.pid, **efs}) for h in made]
         elif flavor == "ssh":
             if count > len(self.ssh_hosts):
                 raise InstanceDeploymentError(
                     f"SSH_HOSTS lists {len(self.ssh_hosts)} hosts but {count} nodes were asked for.")
             places = [(address, address, {}) for address in self.ssh_hosts[:count]]
         else:
-            raise InstanceDeploymentError(f"unknown flavor '{flavor}' for the local provider: use netns or ssh.")
+            raise InstanceDeploymentError(f"unknown flavor '{flavor}' for the local provider: use netns, vm or ssh.")
         now = time.time()
         return [
             NodeDescriptor(
@@ -59,7 +68,7 @@ class LocalProvider(AbstractInstanceProvider):
         ]
 
     def stop_instances(self, nodes_to_stop: list[NodeDescriptor], timeout: int = 600) -> list[NodeDescriptor]:
-        made_here = [n for n in nodes_to_stop if n.extra.get("flavor") == "netns"]
+        made_here = [n for n in nodes_to_stop if n.extra.get("flavor") in MADE_HERE]
         self.hosts.destroy([n.cloud_instance_id for n in made_here])
         self._forget([n.ip for n in made_here])
         stopped = []
@@ -74,7 +83,7 @@ class LocalProvider(AbstractInstanceProvider):
         checked = []
         for node in nodes_to_check:
             node = copy.deepcopy(node)
-            if node.extra.get("flavor") == "netns":
+            if node.extra.get("flavor") in MADE_HERE:
                 node.status = NodeStatus.STARTED if node.cloud_instance_id in up else NodeStatus.STOPPED
             elif node.status not in (NodeStatus.REACHABLE, NodeStatus.UNREACHABLE):
                 node.status = NodeStatus.STARTED  # an SSH host is up until SSH says otherwise
@@ -86,6 +95,16 @@ class LocalProvider(AbstractInstanceProvider):
 
     def resume_instances(self, nodes_to_resume: list[NodeDescriptor], timeout: int = 600) -> list[NodeDescriptor]:
         raise InstanceDeploymentError("local nodes cannot be paused or resumed.")
+
+    def _efs_mount(self) -> dict:
+        """How the role mounts the EFS stand-in: its address, and sshfs in place of NFS."""
+        efs = self.hosts.efs_host()
+        return {"efs": {"efs_host": efs.address, "efs_source": f"root@{efs.address}:/", **local_vm.EFS_MOUNT}}
+
+    @staticmethod
+    def _host_key(host: Host) -> Path:
+        """The host key sshd shows: a netns host's own, or the one the vm node made at its first boot."""
+        return Path(host.state_dir) / ("root/etc/ssh" if host.kind == "vm" else "") / "ssh_host_ed25519_key.pub"
 
     # Host keys of the hosts we made are known, so SSH can check them strictly; an
     # address reused by a later host gets its new key.

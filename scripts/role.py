@@ -34,7 +34,9 @@ def role_vars(settings: Settings, state: dict, action: str, run_id: str = "") ->
               "runner": settings.runner, "dcgan_dir": settings.dcgan_dir,
               "cifar_data_dir": settings.cifar_data_dir, "dcgan_python": settings.dcgan_python}
     if action == "setup":
-        return {**shared, "efs_host": settings.efs_host,
+        # EFS_HOST of the user's, else the filesystem the provider made with the nodes (and how to mount it).
+        efs = {"efs_host": settings.efs_host} if settings.efs_host else state.get("efs", {"efs_host": ""})
+        return {**shared, **efs,
                 "shutdown_after_minutes": lifetime_minutes(settings, state) if settings.provider == "aws" else 0}
     if action == "run":
         threads = max(1, (os.cpu_count() or 1) // len(state["nodes"])) if settings.provider == "local" else 0

@@ -36,10 +36,7 @@ class RunLogs:
         self.sizes: dict[int, int] = {}  # bytes read of each rank's log
 
     def read(self) -> dict[int, str]:
-        if self.settings.provider == "local" and not self.settings.ssh_hosts:
-            new = self._read_here()
-        else:
-            new = self._read_on_master()
+        new = self._read_here() if self.settings.shares_this_filesystem else self._read_on_master()
         for rank, (size, text) in new.items():
             self.sizes[rank] = size
             self.texts[rank] = self.texts.get(rank, "") + text

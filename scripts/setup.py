@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import subprocess
+from pathlib import Path
 
 import checks
 import clap_configs
 import cluster
 import cluster_state
 import config
+import local_efs
 import output
 import role
 from output import UserError
@@ -24,8 +25,10 @@ def main(argv: list[str] | None = None) -> int:
         if settings.dry_run:
             role.show_plan(settings, state, "setup")
             return 0
-        if settings.synthetic_data:
-            make_synthetic_data(settings)
+        if settings.cloud_like:
+            local_efs.stage(settings)
+        elif settings.synthetic_data:
+            local_efs.make_synthetic_data(settings, Path(settings.cifar_data_dir))
         handles = cluster.clap(settings, state)
         ids = cluster_state.node_ids(state)
         args = {"node_vars": role.node_vars(state), "extra_args": role.role_vars(settings, state, "setup")}
@@ -49,12 +52,6 @@ def main(argv: list[str] | None = None) -> int:
     played = f"{len(new)} new of {len(ids)}" if 0 < len(new) < len(ids) else f"{len(ids)}"
     output.say(f"setup done on {played} nodes in {state['steps']['setup']['seconds']:.1f} s; next: make run")
     return 0
-
-
-def make_synthetic_data(settings: config.Settings) -> None:
-    """The local default trains on a synthetic CIFAR-10 set, made once on the shared filesystem."""
-    subprocess.run([settings.dcgan_python, str(config.ROOT / "demo" / "make_cifar.py"),
-                    "--out", settings.cifar_data_dir, "--test-images", str(settings.synthetic_images)], check=True)
 
 
 if __name__ == "__main__":

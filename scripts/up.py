@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
                      "cloud_id": nodes[node_id].cloud_instance_id}
                     for rank, node_id in enumerate(ids, start=first)
                 ]
+                efs = nodes[ids[0]].extra.get("efs") if ids else None
+                if efs:  # the shared filesystem the provider made for these nodes, for the role's setup
+                    state["efs"] = efs
                 cluster_state.write_state(settings, state)  # recorded before anything else can fail
                 handles.node_manager.add_tags(ids, cluster_state.cluster_tags(state))
             if settings.provider == "aws":

@@ -20,6 +20,7 @@ from cluster_state import cluster_tags
 from config import ROOT, Settings
 from output import UserError, output_to, warn
 
+SSH_SILENCE_S = 15  # seconds without an answer after which Ansible's SSH gives a node up
 AWS_ENV_OVERRIDES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
                      "AWS_DEFAULT_PROFILE")
 
@@ -87,8 +88,9 @@ def ansible_env(settings: Settings, state: dict | None = None) -> dict[str, str]
         "ANSIBLE_CONFIG": str(ROOT / "clap_config" / "ansible.cfg"),
         "ANSIBLE_PIPELINING": "True",
         "ANSIBLE_SSH_ARGS": (
-            # A node silent for 15 s is unreachable: a failed run is reported, not waited on.
-            "-o ControlMaster=auto -o ControlPersist=60s -o ServerAliveInterval=5 -o ServerAliveCountMax=3 "
+            # A node silent for SSH_SILENCE_S is unreachable: a lost node is reported, not waited on.
+            f"-o ControlMaster=auto -o ControlPersist=60s -o ServerAliveInterval={SSH_SILENCE_S // 3} "
+            "-o ServerAliveCountMax=3 "
             "-o ConnectTimeout=10 "
             f"-o StrictHostKeyChecking=accept-new -o UserKnownHostsFile={known_hosts_file(settings)}"),
         "ANSIBLE_SSH_CONTROL_PATH_DIR": str(control_dir(settings)),

@@ -144,6 +144,10 @@ class OsTree:
         # pip and Docker's builds inside the node trust what this machine trusts (its CA may intercept TLS).
         shutil.copy("/etc/ssl/certs/ca-certificates.crt", tree / "usr/local/share/ca-certificates/host.crt")
         _run(*chroot, "update-ca-certificates")
+        # pip installs into the system Python, as on the Ubuntu 20.04 of upstream's Dockerfile (Debian 12
+        # refuses it by default: PEP 668), whose image is this tree.
+        for marker in (tree / "usr/lib").glob("python3*/EXTERNALLY-MANAGED"):
+            marker.unlink()
         # No per-user systemd: it cannot start in a container on cgroup v1 ("Failed to allocate manager
         # object"), and every SSH login would wait for its start, up to a minute and a half.
         (tree / "etc/systemd/system/user@.service").symlink_to("/dev/null")

@@ -97,6 +97,16 @@ def playbook_failure(result: Any, state: dict) -> str:
     return f"{what} (whole output: {result.log_file})"
 
 
+def unreachable_only(result: Any) -> list[str]:
+    """The nodes a play lost contact with, when that is all that went wrong (none failed a task)."""
+    failed = [host for host, ok in result.hosts.items() if not ok]
+    events = {host: {event.get("event") for event in result.events.get(host, [])} for host in failed}
+    if not failed or any("runner_on_failed" in kinds or "runner_on_unreachable" not in kinds
+                         for kinds in events.values()):
+        return []
+    return failed
+
+
 def show_plan(settings: Settings, state: dict, action: str, run_id: str = "") -> None:
     """What a role action would do: playbook, hosts, variables and, for `run`, each rank's command."""
     extra = role_vars(settings, state, action, run_id)

@@ -12,6 +12,7 @@ import os
 import sys
 import threading
 import time
+from typing import Any
 
 import cluster
 import cluster_state
@@ -59,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
                 if result.ret_code == role.PLAYBOOK_CANCELED:
                     raise KeyboardInterrupt
                 progress.finish()
+                if not result.ok:
+                    stop_watching_if_only_contact_is_lost(handles, result, run)
                 run["state"] = "done" if result.ok else "failed"
                 run["finished"] = time.time()
                 if not result.ok:
@@ -71,6 +74,18 @@ def main(argv: list[str] | None = None) -> int:
             return 130
     output.say(f"run {run['id']} finished in {run['finished'] - run['started']:.1f} s; next: make results")
     return 0
+
+
+def stop_watching_if_only_contact_is_lost(handles: cluster.Clap, result: Any, run: dict) -> None:
+    """A node that stops answering SSH (a laptop losing its Wi-Fi) may still be training: while its
+    provider says it is there, the run is not failed but left running, for `make run` to re-attach.
+    A rank that really died ends the run by itself, through its peers' watchdogs."""
+    lost = role.unreachable_only(result)
+    if lost and all(cluster.nodes_alive(handles, lost).values()):
+        names = ", ".join(cluster_state.short_id(node_id) for node_id in lost)
+        raise UserError(f"lost contact with node {names} (no answer to SSH for {cluster.SSH_SILENCE_S} s); the "
+                        f"nodes are up and run {run['id']} goes on there: `make run` re-attaches once they answer, "
+                        f"`make status` shows them.")
 
 
 def current_run(state: dict) -> dict | None:

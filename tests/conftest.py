@@ -108,6 +108,11 @@ def emulator() -> Iterator[Ec2Emulator]:
 @pytest.fixture
 def project(tmp_path: Path) -> dict[str, str]:
     """Environment for the step scripts with every file of theirs under tmp_path."""
+    return project_env(tmp_path)
+
+
+def project_env(tmp_path: Path) -> dict[str, str]:
+    """Environment for the step scripts with every file of theirs under tmp_path."""
     clap_path = tmp_path / "clap_config"
     shutil.copytree(ROOT / "clap_config", clap_path,
                     ignore=shutil.ignore_patterns("storage", "private"))

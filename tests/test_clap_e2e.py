@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,8 +34,8 @@ def env(project: dict) -> dict:
     assert leftovers(subnet_tag(251)) == []
 
 
-def make(env: dict, *targets: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["make", "-s", "-C", str(ROOT), *targets], env=env, capture_output=True,
+def make(env: dict, *targets: str, **extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", "-s", "-C", str(ROOT), *targets], env={**env, **extra}, capture_output=True,
                           text=True, timeout=900)
 
 
@@ -294,3 +296,117 @@ def test_a_hung_rank_ends_the_run_within_the_stall_bound(env: dict, hung: int) -
     assert fetched.returncode == 0, fetched.stderr
     partial = next(Path(env["RESULTS_DIR"]).iterdir()) / f"output-{hung}.txt"
     assert "[iteration: 3/" in partial.read_text()
+
+
+def test_a_dropped_link_stops_the_watching_not_the_run(env: dict) -> None:
+    """This machine loses its path to the nodes for 30 s mid-run (a laptop losing its Wi-Fi; the ranks'
+    own traffic untouched): `make run` says it lost contact and leaves the run running; the training
+    goes on; `make run` then re-attaches to the same run, which finishes."""
+    assert make(env, "up", "setup").returncode == 0
+    training = subprocess.Popen(["make", "-s", "-C", str(ROOT), "run"], env={**env, "EPOCHS": "60"},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    state = json.loads(Path(env["NODES_FILE"]).read_text())
+    cut = [rule for node in state["nodes"] for rule in (["OUTPUT", "-d", node["address"], "-j", "DROP"],
+                                                          ["INPUT", "-s", node["address"], "-j", "DROP"])]
+    try:
+        run_dir = wait_for_run_log(env, "[epoch: 1/60]")
+        started = {rank: json.loads((run_dir / f".rank-{rank}.json").read_text()) for rank in (0, 1)}
+        for rule in cut:
+            subprocess.run(["iptables", "-w", "-I", *rule], check=True)
+        cut_at = time.monotonic()
+        out, _ = training.communicate(timeout=60)
+        size = (run_dir / "output-0.txt").stat().st_size
+        time.sleep(max(0.0, 30 - (time.monotonic() - cut_at)))
+    finally:
+        for rule in cut:
+            subprocess.run(["iptables", "-w", "-D", *rule], capture_output=True)
+        if training.poll() is None:
+            os.killpg(training.pid, signal.SIGKILL)
+            training.wait()
+    assert training.returncode != 0 and "lost contact with node" in out, out[-2000:]
+    assert (run_dir / "output-0.txt").stat().st_size > size, "training stopped with the link"
+    run = json.loads(Path(env["NODES_FILE"]).read_text())["runs"][-1]
+    assert run["state"] == "running"
+
+    again = make(env, "run", EPOCHS="60")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"re-attaching to run {run['id']}" in again.stdout
+    for rank in (0, 1):
+        assert json.loads((run_dir / f".rank-{rank}.json").read_text()) == started[rank]  # not restarted
+        assert f"[rank: {rank}] Epoch 59 took:" in (run_dir / f"output-{rank}.txt").read_text()
+
+
+def wait_for_run_log(env: dict, line: str, rank: int = 0, timeout: float = 120) -> Path:
+    """The folder of the run that `make run` started, once rank's log shows `line`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = json.loads(Path(env["NODES_FILE"]).read_text()).get("runs") or []
+        if runs:
+            run_dir = Path(config.load_settings(env).user_dir) / "runs" / runs[-1]["id"]
+            log = run_dir / f"output-{rank}.txt"
+            if log.exists() and line in log.read_text():
+                return run_dir
+        time.sleep(0.5)
+    raise AssertionError(f"rank {rank} never wrote {line!r}")
+
+
+@pytest.fixture
+def docker_engine(tmp_path: Path) -> Iterator[None]:
+    """Docker running on this machine, as on most users' machines: its firewall rules in place
+    (FORWARD policy DROP, bridged packets through iptables). One of ours when none runs; after the
+    test, this machine's firewall, sysctl and links are as they were."""
+    if subprocess.run(["docker", "info"], capture_output=True).returncode == 0:
+        yield  # the machine's own
+        return
+    if not shutil.which("dockerd"):
+        pytest.skip("dockerd is not installed (.ci/run installs docker.io)")
+    policy = subprocess.run(["iptables", "-S", "FORWARD"], capture_output=True, text=True).stdout.split()[2]
+    bridge_sysctl = Path("/proc/sys/net/bridge/bridge-nf-call-iptables")
+    sysctl_before = bridge_sysctl.read_text() if bridge_sysctl.exists() else "0"
+    had_docker0 = Path("/sys/class/net/docker0").exists()
+    socket = tmp_path / "docker.sock"
+    engine = subprocess.Popen(["dockerd", "--data-root", str(tmp_path / "data"), "--exec-root", str(tmp_path / "exec"),
+                               "--pidfile", str(tmp_path / "docker.pid"), "-H", f"unix://{socket}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while subprocess.run(["docker", "-H", f"unix://{socket}", "info"], capture_output=True).returncode != 0:
+            assert engine.poll() is None and time.monotonic() < deadline, "dockerd did not start"
+            time.sleep(0.5)
+        rules = subprocess.run(["iptables", "-S", "FORWARD"], capture_output=True, text=True).stdout
+        assert "-P FORWARD DROP" in rules and bridge_sysctl.read_text().strip() == "1"  # Docker's rules are on
+        yield
+    finally:
+        engine.terminate()
+        engine.wait(timeout=60)
+        remove_docker_rules(policy)
+        bridge_sysctl.write_text(sysctl_before)
+        if not had_docker0:
+            subprocess.run(["ip", "link", "del", "docker0"], capture_output=True)
+
+
+def remove_docker_rules(forward_policy: str) -> None:
+    """What dockerd put in the firewall (it leaves it when it stops), and nothing else: other tests'
+    rules may come and go meanwhile."""
+    for table in ("filter", "nat"):
+        rules = subprocess.run(["iptables", "-t", table, "-S"], capture_output=True, text=True).stdout.splitlines()
+        for rule in rules:
+            if rule.startswith("-A ") and ("DOCKER" in rule or "docker0" in rule):
+                subprocess.run(["iptables", "-t", table, "-D", *shlex.split(rule)[1:]], check=True)
+        chains = [rule.split()[1] for rule in rules if rule.startswith("-N DOCKER")]
+        for chain in chains:
+            subprocess.run(["iptables", "-t", table, "-F", chain], check=True)
+        for chain in chains:
+            subprocess.run(["iptables", "-t", table, "-X", chain], check=True)
+    subprocess.run(["iptables", "-P", "FORWARD", forward_policy], check=True)
+
+
+def test_docker_on_this_machine_does_not_break_the_cluster(env: dict, docker_engine: None) -> None:
+    up = make(env, "up")
+    assert up.returncode == 0, up.stderr
+    bridge_rule = f"dcgan local cluster {subnet(251)}"
+    assert bridge_rule in subprocess.run(["iptables", "-S", "FORWARD"], capture_output=True, text=True).stdout
+    done = make(env, "setup", "run")  # rank to rank across the bridge: dropped without the rule
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert make(env, "down").returncode == 0
+    assert bridge_rule not in subprocess.run(["iptables", "-S", "FORWARD"], capture_output=True, text=True).stdout

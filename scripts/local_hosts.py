@@ -48,6 +48,7 @@ SSHD = shutil.which("sshd", path=SBIN) or "/usr/sbin/sshd"
 IPTABLES = shutil.which("iptables", path=SBIN)  # None: no firewall to get past
 EXPORT_ROOT = "/mnt"  # where the EFS stand-in sees its export folder (in its own mount namespace)
 START_DEADLINE_S = 10.0
+BOOT_DEADLINE_S = 60.0  # a vm node boots a whole OS: 1.4 s here, idle; much more on a loaded machine
 STOP_DEADLINE_S = 5.0
 
 
@@ -300,11 +301,14 @@ class LocalHosts:
                 hosts_file.write("\n".join(lines) + "\n")
 
     def _wait_for_ssh(self, host: Host) -> None:
-        deadline = time.monotonic() + START_DEADLINE_S
+        bound = BOOT_DEADLINE_S if host.kind == "vm" else START_DEADLINE_S
+        deadline = time.monotonic() + bound
         while time.monotonic() < deadline:
             if not _pid_alive(host.pid):
-                log = (Path(host.state_dir) / "sshd.log").read_text(errors="replace").strip()
-                raise LocalHostError(f"sshd of {host.name} exited at start: {log[-300:]}")
+                log = Path(host.state_dir) / ("boot.log" if host.kind == "vm" else "sshd.log")
+                said = log.read_text(errors="replace").strip() if log.exists() else "no output"
+                raise LocalHostError(f"{'the node' if host.kind == 'vm' else 'sshd'} of {host.name} exited at "
+                                     f"start: {said[-300:]}")
             try:
                 with socket.create_connection((host.address, host.ssh_port), timeout=0.5) as conn:
                     if conn.recv(4).startswith(b"SSH-"):
@@ -312,7 +316,7 @@ class LocalHosts:
             except OSError:
                 time.sleep(0.05)
         raise LocalHostError(
-            f"sshd of {host.name} did not answer on {host.address}:22 within {START_DEADLINE_S:.0f} s.")
+            f"sshd of {host.name} did not answer on {host.address}:22 within {bound:.0f} s.")
 
     # -- destroy -----------------------------------------------------------
     def destroy(self, names: list[str] | None = None) -> list[Host]:
@@ -329,6 +333,7 @@ class LocalHosts:
                 self._write_hosts_files(hosts)
             else:
                 self._remove_bridge()
+            if any(h.kind == "vm" for h in doomed):
                 local_vm.release_nspawn_state()
         return [h for h in doomed if h.kind not in ("efs", "proxy")]
 

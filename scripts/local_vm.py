@@ -281,7 +281,10 @@ def _ensure_nspawn_state() -> None:
 
 
 def release_nspawn_state() -> None:
-    """Unmount the tmpfs of _ensure_nspawn_state, once no node uses it (ours: it has our source name)."""
+    """Unmount the tmpfs of _ensure_nspawn_state (ours: it has our source name) once no node of any
+    cluster uses it: each running nspawn keeps a folder in it."""
+    if any((NSPAWN_STATE / "propagate").glob("*")):
+        return
     for line in Path("/proc/mounts").read_text().splitlines():
         source, target = line.split()[:2]
         if source == "dcgan-nspawn" and target == str(NSPAWN_STATE):

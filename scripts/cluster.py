@@ -61,7 +61,7 @@ def clap(settings: Settings, state: dict | None = None) -> Clap:
 
     node_manager = get_node_manager()
     node_manager.providers["local"] = LocalProvider(
-        LocalHosts(settings.local_dir, settings.local_subnet, cache_dir=ROOT / ".cache"),
+        LocalHosts(settings.local_dir, settings.local_subnet),
         settings.clap_path / "private", known_hosts_file(settings), settings.ssh_hosts, cluster_tags(state))
     return Clap(get_config_db(), node_manager, get_role_manager())
 

@@ -16,11 +16,12 @@ import sys
 from pathlib import Path, PurePosixPath
 
 from config import ROOT, Settings
+from local_vm import CACHE
 from output import UserError, say
 
 DEMO = ROOT / "demo"
 DEMO_FILES = ("dist_dcgan.py", "make_cifar.py", "Dockerfile")
-WHEELS = ROOT / ".cache" / "wheels"
+WHEELS = CACHE / "wheels"
 # The nodes' Python (Debian 12's) and machine: the wheels their image installs must fit them, not this venv.
 NODE_WHEEL_TARGET = ("--python-version", "3.11", "--only-binary=:all:", "--platform", "manylinux_2_28_x86_64",
                      "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64")

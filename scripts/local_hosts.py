@@ -87,9 +87,8 @@ def _pid_alive(pid: int) -> bool:
 class LocalHosts:
     """The namespace hosts of one state folder and subnet."""
 
-    def __init__(self, state_dir: Path, subnet: str = DEFAULT_SUBNET, cache_dir: Path | None = None) -> None:
+    def __init__(self, state_dir: Path, subnet: str = DEFAULT_SUBNET) -> None:
         self.state_dir = Path(state_dir)
-        self.cache_dir = Path(cache_dir) if cache_dir else self.state_dir / "cache"  # the vm nodes' Debian tree
         self.network = ipaddress.ip_network(subnet)
         if self.network.prefixlen > 29:
             raise LocalHostError(f"LOCAL_SUBNET={subnet} is too small: use a /24 such as {DEFAULT_SUBNET}.")
@@ -181,7 +180,7 @@ class LocalHosts:
 
     def _os_tree(self) -> Path:
         try:
-            return local_vm.OsTree(self.cache_dir).ensure()
+            return local_vm.OsTree(local_vm.CACHE).ensure()
         except local_vm.VmError as error:
             raise LocalHostError(str(error)) from None
 
@@ -214,7 +213,7 @@ class LocalHosts:
         local_vm.prepare_root(tree, root, hostname=host.name, authorized_key=authorized_key,
                               proxy=local_vm.proxy_url(self.gateway), efs_key=self.efs_key,
                               efs_known_host=" ".join([efs.address, *efs_host_key]))
-        host.pid = local_vm.boot(root, local_vm.OsTree(self.cache_dir).base_image, host.namespace, host.name,
+        host.pid = local_vm.boot(root, local_vm.OsTree(local_vm.CACHE).base_image, host.namespace, host.name,
                                  Path(host.state_dir) / "boot.log")
 
     def _ensure_bridge(self) -> None:

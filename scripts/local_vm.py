@@ -25,6 +25,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+# The Debian tree and its base image (about 600 MB), kept outside any checkout: every clone and CI run
+# on this machine shares one.
+CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dcgan-clap"
 SUITE = "bookworm"
 # What an Ubuntu cloud image has that the role relies on: systemd, sshd, sudo, Python with apt's
 # bindings (Ansible's apt module), pip and the CA bundle. Nothing of what the role installs itself.

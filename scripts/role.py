@@ -37,7 +37,9 @@ def role_vars(settings: Settings, state: dict, action: str, run_id: str = "") ->
         # EFS_HOST of the user's, else the filesystem the provider made with the nodes (and how to mount it).
         efs = {"efs_host": settings.efs_host} if settings.efs_host else state.get("efs", {"efs_host": ""})
         return {**shared, **efs,
-                "shutdown_after_minutes": lifetime_minutes(settings, state) if settings.provider == "aws" else 0}
+                # MAX_HOURS: on EC2 a node's own shutdown terminates it; a cloud-like local node plays it too.
+                "shutdown_after_minutes": lifetime_minutes(settings, state)
+                if settings.provider == "aws" or settings.cloud_like else 0}
     if action == "run":
         threads = max(1, (os.cpu_count() or 1) // len(state["nodes"])) if settings.provider == "local" else 0
         return {**shared, "master_hostname": state["nodes"][0]["id"], "run_id": run_id,

@@ -95,14 +95,16 @@ def test_setup_on_fresh_nodes_installs_mounts_builds_and_waits_for_dpkg(vm: dict
     assert time.mktime(time.strptime(installed, "%Y-%m-%d %H:%M:%S")) - time.timezone >= int(released) - 2
     for rank in (0, 1):
         checks = on_node(vm, rank, "dpkg-query -W -f '${Status}\\n' docker.io sshfs; id -nG; "
-                                   "mountpoint -q /home/ubuntu/efs && echo mounted; grep -c ' fuse.sshfs ' /etc/fstab; "
+                                   "grep -q ' /home/ubuntu/efs fuse.sshfs ' /proc/mounts && echo mounted; "
+                                   "grep -c ' fuse.sshfs ' /etc/fstab; "
+                                   "test -f /run/systemd/shutdown/scheduled && echo capped; "  # MAX_HOURS
                                    "docker image ls dcgan --format '{{.Tag}}'")  # as ubuntu: the group works
         assert checks.returncode == 0, checks.stderr
         lines = checks.stdout.splitlines()
         assert lines[:2] == ["install ok installed"] * 2
         assert "docker" in lines[2].split()
-        assert lines[3:5] == ["mounted", "1"]
-        assert "latest" in lines[5:] and len(lines[5:]) == 2  # dcgan:latest and dcgan:<hash of the app>
+        assert lines[3:6] == ["mounted", "1", "capped"]
+        assert "latest" in lines[6:] and len(lines[6:]) == 2  # dcgan:latest and dcgan:<hash of the app>
     assert export(vm).stat().st_mode & 0o777 == 0o751
     user_dir = on_node(vm, 0, "stat -c '%U %a' /home/ubuntu/efs/dcgan")
     assert user_dir.stdout.split() == ["ubuntu", "755"]
@@ -117,7 +119,8 @@ def test_second_setup_changes_nothing_and_builds_nothing(vm: dict) -> None:
 
 
 def test_mount_comes_back_from_fstab_as_at_boot(vm: dict) -> None:
-    back = on_node(vm, 1, "sudo umount /home/ubuntu/efs && sudo mount -a && mountpoint -q /home/ubuntu/efs && "
+    back = on_node(vm, 1, "sudo umount /home/ubuntu/efs && sudo mount -a && "
+                          "grep -q ' /home/ubuntu/efs fuse.sshfs ' /proc/mounts && "
                           "ls /home/ubuntu/efs/dcgan/Distributed-DCGAN/dist_dcgan.py")
     assert back.returncode == 0, back.stderr
 

@@ -62,12 +62,12 @@ TEST_NET = worker_net(TEST_NET_SETTING, int(os.environ.get("PYTEST_XDIST_WORKER"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """On pytest-xdist's workers, the tests that drive a whole cluster through `make` (fixture `env`,
-    a minute or more each) are handed out first: one started last would run alone while the other
-    worker has nothing left. Tests that share a module's hosts or emulator carry `xdist_group`
-    and go to one worker together, in their order."""
-    if hasattr(config, "workerinput"):
-        items.sort(key=lambda item: "env" not in item.fixturenames)  # stable: each kind keeps its order
+    """On pytest-xdist's workers, the tests marked `long`, then those that drive a whole cluster through
+    `make` (fixture `env`, a minute or more each), are handed out first: one started last would run
+    alone while the other worker has nothing left. Tests that share a module's hosts or emulator
+    carry `xdist_group` and go to one worker together, in their order."""
+    if hasattr(config, "workerinput"):  # a stable sort: each kind keeps its order
+        items.sort(key=lambda item: (item.get_closest_marker("long") is None, "env" not in item.fixturenames))
 
 
 def pytest_configure(config: pytest.Config) -> None:

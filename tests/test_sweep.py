@@ -82,6 +82,7 @@ def kill_rank_in_point(env: dict, point: int, rank: int) -> None:
     pytest.fail(f"point {point} never trained on rank {rank}")
 
 
+@pytest.mark.long  # three points, then the rerun of one: the longest test
 def test_sweep_records_a_killed_point_and_a_rerun_redoes_only_it(env: dict) -> None:
     sweep = subprocess.Popen(["make", "-s", "-C", str(ROOT), "sweep"], env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)

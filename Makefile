@@ -11,6 +11,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stamp
 CLAP_SOURCE := $(or $(CLAP),CLAP)/app/cli/modules/node.py
 PYTEST_ARGS ?=#           e.g. make test PYTEST_ARGS='-k role -x'
+PYTEST_WORKERS ?= 2#      tests at once (pytest-xdist), each on its own subnets; 0: one at a time
 RUN ?=#                   the fetched run `make report` reads (default: the newest)
 
 ##@ The experiment
@@ -74,7 +75,7 @@ $(CLAP_SOURCE):
 .PHONY: test
 test: export CLAP := $(or $(CLAP),$(shell $(PYTHON) scripts/clap_source.py for-tests))
 test: $(STAMP) lint ## lint, then every test (CLAP: yours, the submodule, or the pinned archive in ../shared)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest --numprocesses $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 .PHONY: lint
 lint: $(STAMP) ## ruff, yamllint and ansible-lint (production profile)

@@ -29,9 +29,55 @@ from local_hosts import LocalHosts  # noqa: E402
 
 PLAYBOOKS = ROOT / "clap_config" / "roles" / "roles"
 
-# The second octet of every test subnet: two test sessions at once (say, two work trees)
-# each take their own, e.g. DCGAN_TEST_NET=214 make test.
-TEST_NET = os.environ.get("DCGAN_TEST_NET", "213")
+WORKER_NET_STEP = 10  # a pytest-xdist worker's octet is the next one ending in the same digit
+
+
+def worker_net(setting: str, worker: int) -> str:
+    """The second octet of the subnets of one test process (pytest-xdist's worker gw<worker>; 0 without it).
+
+    Two test sessions at once (say, two work trees) each take their own, from DCGAN_TEST_NET: one
+    octet N gives worker k the octet N + 10 k (DCGAN_TEST_NET=214 with two workers: 214 and 224),
+    so sessions whose octets end in different digits never meet; a comma-separated list gives each
+    worker its own, in order (DCGAN_TEST_NET=214,234).
+    """
+    octets = [part.strip() for part in setting.split(",")]
+    if not all(part.isdigit() for part in octets):
+        raise ValueError(f"DCGAN_TEST_NET={setting!r} must be an octet (like 214) or a comma-separated list "
+                         f"of octets, one per test worker (like 214,224).")
+    if len(octets) == 1:
+        octet = int(octets[0]) + WORKER_NET_STEP * worker
+    elif worker < len(octets):
+        octet = int(octets[worker])
+    else:
+        raise ValueError(f"DCGAN_TEST_NET={setting} lists {len(octets)} octets but test worker {worker + 1} needs "
+                         f"one: list one per worker (PYTEST_WORKERS), or give one octet.")
+    if octet > 255:
+        raise ValueError(f"DCGAN_TEST_NET={setting} gives test worker {worker + 1} the octet {octet}, above 255: "
+                         f"pick a lower octet, or list one per worker.")
+    return str(octet)
+
+
+TEST_NET_SETTING = os.environ.get("DCGAN_TEST_NET", "213")
+TEST_NET = worker_net(TEST_NET_SETTING, int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On pytest-xdist's workers, the tests marked `long`, then those that drive a whole cluster through
+    `make` (fixture `env`, a minute or more each), are handed out first: one started last would run
+    alone while the other worker has nothing left. Tests that share a module's hosts or emulator
+    carry `xdist_group` and go to one worker together, in their order."""
+    if hasattr(config, "workerinput"):  # a stable sort: each kind keeps its order
+        items.sort(key=lambda item: (item.get_closest_marker("long") is None, "env" not in item.fixturenames))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Refuse, before any test runs, a DCGAN_TEST_NET that leaves a worker without a subnet."""
+    workers = len(getattr(config.option, "tx", None) or []) or 1
+    for worker in range(workers):
+        try:
+            worker_net(TEST_NET_SETTING, worker)
+        except ValueError as error:
+            raise pytest.UsageError(str(error)) from None
 
 
 def subnet(third: int) -> str:

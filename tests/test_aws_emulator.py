@@ -42,6 +42,9 @@ PROVIDER_ID = "aws-emu"  # the providers.yaml entry write_clap_config makes
 ACCESS_KEY = "AKIAEMULATOR00000000"
 SECRET_KEY = "emulator-secret-do-not-print"
 
+# One worker runs them all: they share the module's emulator, which takes seconds to start.
+pytestmark = pytest.mark.xdist_group("aws_emulator")
+
 
 def _root_reason() -> str | None:
     if os.geteuid() != 0:

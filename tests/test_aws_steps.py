@@ -22,6 +22,9 @@ KEYPAIR = "dcgan-test-key"
 GROUP = "open-security-group"
 AMI = "ami-0c4f7023847b90238"  # clap_config/configs/instances.yaml
 
+# One worker runs them all: they share the module's emulator, which takes seconds to start.
+pytestmark = pytest.mark.xdist_group("aws_steps")
+
 
 @pytest.fixture
 def aws_env(project: dict, emulator: Ec2Emulator, tmp_path: Path) -> dict:

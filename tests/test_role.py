@@ -15,6 +15,9 @@ import pytest
 
 from conftest import failure_messages, play, role_cluster
 
+# One worker plays them all, in order: each builds on the module's hosts as the last left them.
+pytestmark = pytest.mark.xdist_group("role_hosts")
+
 
 @pytest.fixture(scope="module")
 def cluster(hosts: list, ssh_key: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:

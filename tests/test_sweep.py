@@ -82,6 +82,7 @@ def kill_rank_in_point(env: dict, point: int, rank: int) -> None:
     pytest.fail(f"point {point} never trained on rank {rank}")
 
 
+@pytest.mark.long  # three points, then the rerun of one: the longest test
 def test_sweep_records_a_killed_point_and_a_rerun_redoes_only_it(env: dict) -> None:
     sweep = subprocess.Popen(["make", "-s", "-C", str(ROOT), "sweep"], env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
@@ -128,6 +129,7 @@ def aws_env(project: dict, emulator: Ec2Emulator, tmp_path: Path) -> dict:
             "INSTANCE_TYPES": "type-t2.small,type-t2.medium", "SIZES": "1,2,4", "RUN_TIMEOUT": "3600"}
 
 
+@pytest.mark.xdist_group("sweep_aws")  # with the next test, on one worker: one emulator for both
 def test_aws_plan_shows_points_growth_and_cost_ceiling(aws_env: dict, emulator: Ec2Emulator) -> None:
     done = make_aws(emulator, {**aws_env, "DRY_RUN": "1"}, "sweep")
     assert done.returncode == 0, done.stderr
@@ -139,6 +141,7 @@ def test_aws_plan_shows_points_growth_and_cost_ceiling(aws_env: dict, emulator: 
     assert instances(emulator) == [] and not Path(aws_env["NODES_FILE"]).exists()
 
 
+@pytest.mark.xdist_group("sweep_aws")
 def test_aws_sweep_above_max_sweep_cost_is_refused(aws_env: dict, emulator: Ec2Emulator) -> None:
     plan = make_aws(emulator, {**aws_env, "DRY_RUN": "1", "RUN_TIMEOUT": "54000"}, "sweep")
     assert "ABOVE: `make sweep` refuses it" in plan.stdout

@@ -22,6 +22,8 @@ import pytest
 
 from conftest import ROOT, clap_checkout, leftovers, need_root, project_env, subnet, subnet_tag
 
+# One cluster for the whole module, its tests in order: on one pytest-xdist worker, handed out first.
+pytestmark = [pytest.mark.xdist_group("cloud_path"), pytest.mark.long]
 THIRD = 248  # this module's test subnet: subnet(THIRD)
 LOCK_HELD_S = 20
 

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path, PurePosixPath
 
 from config import ROOT, Settings
+from local_hosts import LocalHosts
 from local_vm import CACHE
 from output import UserError, say
 
@@ -28,8 +29,8 @@ NODE_WHEEL_TARGET = ("--python-version", "3.11", "--only-binary=:all:", "--platf
 
 
 def export_dir(settings: Settings) -> Path:
-    """The stand-in's export folder (local_hosts.LocalHosts.efs_export)."""
-    return settings.local_dir / "efs-export"
+    """The stand-in's export folder."""
+    return LocalHosts(settings.local_dir, settings.local_subnet).efs_export
 
 
 def on_export(settings: Settings, node_path: str) -> Path | None:

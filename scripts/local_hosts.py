@@ -31,57 +31,30 @@ import json
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import local_vm
+from local_netns import (
+    SBIN,
+    SSHD,
+    Host,
+    LocalHostError,
+    make_namespace,
+    pid_alive,
+    remove_namespace,
+    run,
+    start_sshd,
+    wait_for_ssh,
+)
 
 DEFAULT_SUBNET = "10.213.0.0/24"
-SBIN = "/usr/sbin:/usr/bin:/sbin:/bin"
-SSHD = shutil.which("sshd", path=SBIN) or "/usr/sbin/sshd"
 IPTABLES = shutil.which("iptables", path=SBIN)  # None: no firewall to get past
-EXPORT_ROOT = "/mnt"  # where the EFS stand-in sees its export folder (in its own mount namespace)
-START_DEADLINE_S = 10.0
-BOOT_DEADLINE_S = 60.0  # a vm node boots a whole OS: 1.4 s here, idle; much more on a loaded machine
 STOP_DEADLINE_S = 5.0
-
-
-class LocalHostError(RuntimeError):
-    """A host could not be made or removed; the message says what to do."""
-
-
-@dataclass
-class Host:
-    name: str  # host name inside the host, also the netns suffix
-    namespace: str
-    address: str
-    veth: str  # the machine-side end of the host's link
-    pid: int  # `unshare` in front of the host's PID namespace (sshd, or the node's nspawn, its PID 1)
-    state_dir: str
-    kind: str = "netns"  # netns, vm, efs or proxy (see the module's doc)
-
-    @property
-    def ssh_port(self) -> int:
-        return 22
-
-
-def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, check=check, capture_output=True, text=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    """True for a running process; a zombie (killed, not yet reaped) counts as gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
 
 
 class LocalHosts:
@@ -124,7 +97,7 @@ class LocalHosts:
         return self._load()
 
     def is_up(self, host: Host) -> bool:
-        return _pid_alive(host.pid) and (not host.namespace or Path(f"/run/netns/{host.namespace}").exists())
+        return pid_alive(host.pid) and (not host.namespace or Path(f"/run/netns/{host.namespace}").exists())
 
     def efs_host(self) -> Host | None:
         """The EFS stand-in of the cluster's vm nodes, while they exist."""
@@ -166,7 +139,7 @@ class LocalHosts:
                 self._write_hosts_files(hosts)
                 for host in made:
                     if host.kind != "proxy":
-                        self._wait_for_ssh(host)
+                        wait_for_ssh(host)
             except BaseException:
                 # Ctrl-C or a failure half-way: take down what this call made, nothing else.
                 for host in made:
@@ -194,7 +167,7 @@ class LocalHosts:
     def _start_services(self, hosts: list[Host], made: list[Host]) -> None:
         """The EFS stand-in (at the subnet's last address, out of the nodes' way) and the proxy."""
         if not self.efs_key.exists():
-            _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "dcgan-efs", "-f", str(self.efs_key))
+            run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "dcgan-efs", "-f", str(self.efs_key))
         self.efs_export.mkdir(mode=0o755, parents=True, exist_ok=True)  # sshd's chroot: root's, not writable
         efs = self._new_host(self._free_address(hosts, last=True), "efs")
         proxy = Host(f"proxy-{self.tag}", "", self.gateway, "", 0, str(self.state_dir / f"proxy-{self.tag}"),
@@ -207,7 +180,7 @@ class LocalHosts:
         proxy.pid = local_vm.start_proxy(self.gateway, str(self.network), Path(proxy.state_dir))
 
     def _start_vm(self, host: Host, tree: Path, authorized_key: str, efs: Host) -> None:
-        self._make_namespace(host)
+        make_namespace(host, self.bridge, self.network.prefixlen)
         root = Path(host.state_dir) / "root"
         efs_host_key = (Path(efs.state_dir) / "ssh_host_ed25519_key.pub").read_text().split()[:2]
         local_vm.prepare_root(tree, root, hostname=host.name, authorized_key=authorized_key,
@@ -216,11 +189,15 @@ class LocalHosts:
         host.pid = local_vm.boot(root, local_vm.OsTree(local_vm.CACHE).base_image, host.namespace, host.name,
                                  Path(host.state_dir) / "boot.log")
 
+    def _start_sshd(self, host: Host, authorized_key: str, export: Path | None = None) -> None:
+        make_namespace(host, self.bridge, self.network.prefixlen)
+        start_sshd(host, authorized_key, export)
+
     def _ensure_bridge(self) -> None:
-        if _run("ip", "link", "show", self.bridge, check=False).returncode != 0:
-            _run("ip", "link", "add", self.bridge, "type", "bridge")
-            _run("ip", "addr", "add", f"{self.gateway}/{self.network.prefixlen}", "dev", self.bridge)
-        _run("ip", "link", "set", self.bridge, "up")
+        if run("ip", "link", "show", self.bridge, check=False).returncode != 0:
+            run("ip", "link", "add", self.bridge, "type", "bridge")
+            run("ip", "addr", "add", f"{self.gateway}/{self.network.prefixlen}", "dev", self.bridge)
+        run("ip", "link", "set", self.bridge, "up")
         self._accept_bridge_traffic()
 
     # Docker on this machine sets the FORWARD policy to DROP and makes bridged packets pass
@@ -231,59 +208,14 @@ class LocalHosts:
                 "-m", "comment", "--comment", f"dcgan local cluster {self.network}"]
 
     def _accept_bridge_traffic(self) -> None:
-        if IPTABLES and _run(IPTABLES, "-C", *self._bridge_rule(), check=False).returncode != 0:
-            _run(IPTABLES, "-I", *self._bridge_rule())
+        if IPTABLES and run(IPTABLES, "-C", *self._bridge_rule(), check=False).returncode != 0:
+            run(IPTABLES, "-I", *self._bridge_rule())
 
     def _new_host(self, address: str, kind: str) -> Host:
         last = address.split(".")[-1]
         name = f"{'efs' if kind == 'efs' else 'node'}-{self.tag}-{last}"
         return Host(name, f"dcgan-{self.tag}-{last}", address, f"dcg{self.tag}-{last}"[:15], 0,
                     str(self.state_dir / name), kind)
-
-    def _make_namespace(self, host: Host) -> None:
-        """The host's network namespace, its link into the bridge, its address, and its resolver files."""
-        namespace, address, veth = host.namespace, host.address, host.veth
-        self._remove_leftovers(host)
-        Path(host.state_dir).mkdir(parents=True, exist_ok=True)
-
-        _run("ip", "netns", "add", namespace)
-        _run("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", namespace)
-        _run("ip", "link", "set", veth, "master", self.bridge, "up")
-        in_ns = ("ip", "netns", "exec", namespace)
-        _run(*in_ns, "ip", "link", "set", "lo", "up")
-        _run(*in_ns, "ip", "addr", "add", f"{address}/{self.network.prefixlen}", "dev", "eth0")
-        _run(*in_ns, "ip", "link", "set", "eth0", "up")
-
-        # An empty resolv.conf makes every DNS lookup fail at once instead of timing out.
-        netns_etc = Path("/etc/netns") / namespace
-        netns_etc.mkdir(parents=True, exist_ok=True)
-        (netns_etc / "resolv.conf").write_text("")
-        (netns_etc / "hosts").write_text("")
-
-    def _start_sshd(self, host: Host, authorized_key: str, export: Path | None = None) -> None:
-        """A netns host: an sshd as PID 1 of the host's own PID namespace. With `export`, the host
-        serves that folder, and only it, as the root of its SFTP (the EFS stand-in)."""
-        self._make_namespace(host)
-        host_dir = Path(host.state_dir)
-        in_ns = ("ip", "netns", "exec", host.namespace)
-        key = host_dir / "ssh_host_ed25519_key"
-        if not key.exists():
-            _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key))
-        (host_dir / "authorized_keys").write_text(authorized_key.strip() + "\n")
-        (host_dir / "sshd_config").write_text(_sshd_config(host.address, host_dir, serve_only=export is not None))
-        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
-        with open(host_dir / "sshd.log", "ab") as log:
-            host.pid = subprocess.Popen(
-                [*in_ns, "unshare", "--uts", "--pid", "--mount-proc", "--kill-child", "--",
-                 # The export is bound on EXPORT_ROOT in the host's own mount namespace (--mount-proc makes
-                 # one): sshd chroots only where every folder up from it is root's and not writable to
-                 # others, which a state folder under /tmp is not.
-                 "sh", "-c", f'hostname "$0" && {{ [ -z "$2" ] || mount --bind "$2" {EXPORT_ROOT}; }} && '
-                             f'exec {SSHD} -D -e -f "$1"',
-                 host.name, str(host_dir / "sshd_config"), str(export or "")],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                start_new_session=True,  # not ended by the Ctrl-C of the command that made it
-            ).pid
 
     def _write_hosts_files(self, hosts: list[Host]) -> None:
         """Every host resolves every host; its own name maps to its own address.
@@ -298,24 +230,6 @@ class LocalHosts:
                     else Path("/etc/netns") / host.namespace / "hosts")
             with open(path, "w") as hosts_file:
                 hosts_file.write("\n".join(lines) + "\n")
-
-    def _wait_for_ssh(self, host: Host) -> None:
-        bound = BOOT_DEADLINE_S if host.kind == "vm" else START_DEADLINE_S
-        deadline = time.monotonic() + bound
-        while time.monotonic() < deadline:
-            if not _pid_alive(host.pid):
-                log = Path(host.state_dir) / ("boot.log" if host.kind == "vm" else "sshd.log")
-                said = log.read_text(errors="replace").strip() if log.exists() else "no output"
-                raise LocalHostError(f"{'the node' if host.kind == 'vm' else 'sshd'} of {host.name} exited at "
-                                     f"start: {said[-300:]}")
-            try:
-                with socket.create_connection((host.address, host.ssh_port), timeout=0.5) as conn:
-                    if conn.recv(4).startswith(b"SSH-"):
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise LocalHostError(
-            f"sshd of {host.name} did not answer on {host.address}:22 within {bound:.0f} s.")
 
     # -- destroy -----------------------------------------------------------
     def destroy(self, names: list[str] | None = None) -> list[Host]:
@@ -338,62 +252,25 @@ class LocalHosts:
 
     def _destroy_host(self, host: Host) -> None:
         if host.kind == "vm":
-            local_vm.stop(host.pid, host.name, Path(host.state_dir) / "root", _pid_alive)
+            local_vm.stop(host.pid, host.name, Path(host.state_dir) / "root", pid_alive)
         # Killing `unshare` SIGKILLs its child (--kill-child), PID 1 of the host's PID
         # namespace, and the kernel then ends every process of that namespace:
         # sessions, jobs, all. SIGKILL because unshare ignores SIGTERM while it waits.
-        if host.pid and _pid_alive(host.pid):
+        if host.pid and pid_alive(host.pid):
             os.kill(host.pid, signal.SIGKILL)
             deadline = time.monotonic() + STOP_DEADLINE_S
-            while _pid_alive(host.pid) and time.monotonic() < deadline:
+            while pid_alive(host.pid) and time.monotonic() < deadline:
                 time.sleep(0.01)
         with suppress(ChildProcessError):
             os.waitpid(host.pid, os.WNOHANG)  # reap it when we are its parent
-        self._remove_leftovers(host)
+        remove_namespace(host)
         shutil.rmtree(host.state_dir, ignore_errors=True)
 
-    def _remove_leftovers(self, host: Host) -> None:
-        """Delete the veth, the namespace and its /etc/netns files, if they exist."""
-        # First, by its end on this side (which takes its peer along): left to the kernel, the veth
-        # goes only when the namespace's cleanup ends, seconds later once TCP has run in it.
-        if host.veth:
-            _run("ip", "link", "del", host.veth, check=False)  # fails harmlessly when it is gone already
-        if host.namespace and Path(f"/run/netns/{host.namespace}").exists():
-            _run("ip", "netns", "del", host.namespace)
-        if host.namespace:
-            shutil.rmtree(Path("/etc/netns") / host.namespace, ignore_errors=True)
-
     def _remove_bridge(self) -> None:
-        if _run("ip", "link", "show", self.bridge, check=False).returncode == 0:
-            _run("ip", "link", "del", self.bridge)
-        while IPTABLES and _run(IPTABLES, "-D", *self._bridge_rule(), check=False).returncode == 0:
+        if run("ip", "link", "show", self.bridge, check=False).returncode == 0:
+            run("ip", "link", "del", self.bridge)
+        while IPTABLES and run(IPTABLES, "-D", *self._bridge_rule(), check=False).returncode == 0:
             pass  # every copy: a crash between -C and -I of two commands at once may have left two
-
-
-def _sshd_config(address: str, host_dir: Path, serve_only: bool = False) -> str:
-    # The EFS stand-in serves its export folder and nothing else: SFTP only, chrooted there.
-    sftp_only = f"ChrootDirectory {EXPORT_ROOT}\nForceCommand internal-sftp\nAllowTcpForwarding no\n"
-    return (sftp_only if serve_only else "") + f"""\
-ListenAddress {address}
-Port 22
-HostKey {host_dir}/ssh_host_ed25519_key
-AuthorizedKeysFile {host_dir}/authorized_keys
-PidFile none
-PermitRootLogin prohibit-password
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-UsePAM no
-UseDNS no
-StrictModes no
-MaxSessions 100
-MaxStartups 100:30:200
-Subsystem sftp internal-sftp
-PrintMotd no
-# bash reads ~/.bashrc before a command sent over SSH, unless it is not the first shell. The
-# hosts share this machine's home folders, whose .bashrc is the operator's (pyenv init, say: a
-# sixth of a second per session), not a node's: their sessions skip it.
-SetEnv SHLVL=1
-"""
 
 
 def main(argv: list[str] | None = None) -> int:

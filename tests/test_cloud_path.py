@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, clap_checkout, leftovers, need_root, project_env, subnet, subnet_tag
+from local_netns import pid_alive
 
 # One cluster for the whole module, its tests in order: on one pytest-xdist worker, handed out first.
 pytestmark = [pytest.mark.xdist_group("cloud_path"), pytest.mark.long]
@@ -182,7 +183,7 @@ def test_down_leaves_no_namespace_mount_container_tree_or_rule(vm: dict) -> None
     done = make(vm, "down")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert leftovers(subnet_tag(THIRD)) == []
-    assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()]  # nodes, EFS stand-in, proxy
+    assert not [pid for pid in pids if pid_alive(pid)]  # nodes, EFS stand-in, proxy (a zombie is gone)
     assert str(local) not in Path("/proc/mounts").read_text()  # the nodes' disks
     assert not list(local.glob("node-*")) and not list(local.glob("efs-*")) and not list(local.glob("proxy-*"))
     cgroups = subprocess.run(["find", "/sys/fs/cgroup", "-maxdepth", "4", "-name", "dcgan-node-*"],

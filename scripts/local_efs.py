@@ -67,7 +67,7 @@ def stage(settings: Settings) -> None:
         copy_wheels(app / "wheels")
 
 
-def make_synthetic_data(settings: Settings, out: Path) -> None:
+def make_synthetic_data(settings: Settings, out: Path | str) -> None:
     """The synthetic CIFAR-10 test set, made once (make_cifar.py does nothing when it is there)."""
     subprocess.run([sys.executable, str(DEMO / "make_cifar.py"), "--out", str(out),
                     "--test-images", str(settings.synthetic_images)], check=True)

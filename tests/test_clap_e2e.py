@@ -12,6 +12,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -364,21 +365,31 @@ def docker_engine(tmp_path: Path) -> Iterator[None]:
     bridge_sysctl = Path("/proc/sys/net/bridge/bridge-nf-call-iptables")
     sysctl_before = bridge_sysctl.read_text() if bridge_sysctl.exists() else "0"
     had_docker0 = Path("/sys/class/net/docker0").exists()
-    socket = tmp_path / "docker.sock"
-    engine = subprocess.Popen(["dockerd", "--data-root", str(tmp_path / "data"), "--exec-root", str(tmp_path / "exec"),
-                               "--pidfile", str(tmp_path / "docker.pid"), "-H", f"unix://{socket}"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    # Its sockets live under exec-root: a short folder of its own (a socket's path has ~100 characters).
+    short = Path(tempfile.mkdtemp(prefix="dcgd-", dir="/tmp"))
+    socket = short / "docker.sock"
+    log = tmp_path / "dockerd.log"
+    with open(log, "wb") as out:
+        engine = subprocess.Popen(["dockerd", "--data-root", str(tmp_path / "data"), "--exec-root", str(short / "x"),
+                                   "--pidfile", str(short / "docker.pid"), "-H", f"unix://{socket}"],
+                                  stdout=out, stderr=out, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
         while subprocess.run(["docker", "-H", f"unix://{socket}", "info"], capture_output=True).returncode != 0:
-            assert engine.poll() is None and time.monotonic() < deadline, "dockerd did not start"
+            assert engine.poll() is None and time.monotonic() < deadline, log.read_text()[-1500:]
             time.sleep(0.5)
-        rules = subprocess.run(["iptables", "-S", "FORWARD"], capture_output=True, text=True).stdout
-        assert "-P FORWARD DROP" in rules and bridge_sysctl.read_text().strip() == "1"  # Docker's rules are on
+        # dockerd sets the DROP policy when it is the one that turns IP forwarding on, as on a fresh
+        # machine; here forwarding may be on already (an earlier run): set what it would have set.
+        subprocess.run(["iptables", "-P", "FORWARD", "DROP"], check=True)
+        assert bridge_sysctl.read_text().strip() == "1"  # bridged packets go through iptables: Docker's rules bite
         yield
     finally:
         engine.terminate()
         engine.wait(timeout=60)
+        for line in Path("/proc/mounts").read_text().splitlines():  # dockerd binds its data-root on itself
+            if line.split()[1].startswith(str(tmp_path)):
+                subprocess.run(["umount", line.split()[1]], check=True)
+        shutil.rmtree(short, ignore_errors=True)
         remove_docker_rules(policy)
         bridge_sysctl.write_text(sysctl_before)
         if not had_docker0:

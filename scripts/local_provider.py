@@ -1,6 +1,6 @@
 """CLAP provider `local`: nodes that are hosts on this machine, or your own SSH hosts.
 
-Registered into CLAP's NodeManager by common.py (CLAP itself is unchanged). The
+Registered into CLAP's NodeManager by cluster.clap() (CLAP itself is unchanged). The
 instance template's `flavor` says where a node comes from:
   netns  a new network-namespace host made by local_hosts.py (the embedded default);
   vm     a new cloud-like node (local_hosts.py, local_vm.py): its own Debian, users, apt and

@@ -198,12 +198,15 @@ def files_under(folder: Path) -> set[Path]:
     return set(folder.rglob("*"))
 
 
-def namespaces() -> str:
-    return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+def namespaces(env: dict[str, str]) -> list[str]:
+    """This project's host namespaces: other test workers make and remove their own meanwhile."""
+    octets = env["LOCAL_SUBNET"].split(".")
+    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [line for line in listing.splitlines() if line.startswith(f"dcgan-{octets[1]}-{octets[2]}-")]
 
 
 def test_dry_run_all_from_nothing_prints_the_whole_experiment(project: dict, tmp_path: Path) -> None:
-    before, hosts_before = files_under(tmp_path), namespaces()
+    before, hosts_before = files_under(tmp_path), namespaces(project)
     done = step("all", project, DRY_RUN="1", NODES="3")
     assert done.returncode == 0, done.stderr
     out = done.stdout
@@ -218,7 +221,7 @@ def test_dry_run_all_from_nothing_prints_the_whole_experiment(project: dict, tmp
     assert "/runs/<run id>'" in out and '"run_id": "<run id>"' in out
     assert "DRY RUN: would stop 3 nodes (<node 0>, <node 1>, <node 2>)" in out
     assert files_under(tmp_path) == before  # no nodes.json, no key, no lock, no results
-    assert namespaces() == hosts_before
+    assert namespaces(project) == hosts_before
 
 
 def test_all_without_clap_names_only_the_fix(project: dict, tmp_path: Path) -> None:

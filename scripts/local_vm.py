@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 import os
 import shutil
 import signal
@@ -188,10 +189,18 @@ def prepare_root(tree: Path, root: Path, *, hostname: str, authorized_key: str, 
     for path in (ssh_dir, ssh_dir / "authorized_keys"):
         os.chown(path, uid_gid.st_uid, uid_gid.st_gid)
     (root / "etc/apt/apt.conf.d/90proxy").write_text(f'Acquire::http::Proxy "{proxy}";\n')
-    # Every login session and service (Docker's builds among them) reaches the registries through it.
+    # Every login session reaches the registries through it.
     with open(root / "etc/environment", "a") as environment:
         environment.write(f"http_proxy={proxy}\nhttps_proxy={proxy}\nHTTP_PROXY={proxy}\nHTTPS_PROXY={proxy}\n"
                           f"no_proxy=localhost,127.0.0.1\n")
+    # Docker's client hands these to builds and containers (a Dockerfile's apt and pip need them).
+    docker_config = json.dumps({"proxies": {"default": {"httpProxy": proxy, "httpsProxy": proxy,
+                                                         "noProxy": "localhost,127.0.0.1"}}})
+    for home in (root / "root", root / "home" / LOGIN_USER):
+        (home / ".docker").mkdir(exist_ok=True)
+        (home / ".docker/config.json").write_text(docker_config)
+        for path in (home / ".docker", home / ".docker/config.json"):
+            os.chown(path, home.stat().st_uid, home.stat().st_gid)
     key = root / EFS_KEY_IN_NODE.lstrip("/")
     key.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(efs_key, key)

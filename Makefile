@@ -63,9 +63,10 @@ sweep: $(STAMP) ## one run per size of SIZES (and type of INSTANCE_TYPES) into R
 .PHONY: deps
 deps: $(STAMP) ## make the venv with the pinned requirements (only when they change)
 
-$(STAMP): requirements.txt requirements-local.txt requirements-dev.txt | $(CLAP_SOURCE)
+$(STAMP): requirements.txt requirements-local.txt requirements-collections.txt requirements-dev.txt | $(CLAP_SOURCE)
 	$(PY) -c '' 2>/dev/null || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt -r requirements-local.txt -r requirements-dev.txt
+	$(PY) scripts/role_collections.py requirements-collections.txt
 	touch $@
 
 # An empty CLAP submodule is filled on every make until it is; a CLAP= checkout is left as it is.

@@ -54,6 +54,10 @@ BAD_SETTINGS = [
     ({"STALL_TIMEOUT": "abc"}, "STALL_TIMEOUT='abc' is not a whole number: set it like STALL_TIMEOUT=300."),
     ({"STALL_TIMEOUT": "-1"}, "STALL_TIMEOUT=-1 must be at least 0: set it like STALL_TIMEOUT=300."),
     ({"STALL_TIMEOUT": "5"}, "STALL_TIMEOUT=5 is shorter than the progress report interval (10 s)"),
+    ({"MARKET": "auction"}, "MARKET='auction' is unknown: use MARKET=on-demand or MARKET=spot."),
+    ({"SPOT_MAX_PRICE": "cheap"}, "SPOT_MAX_PRICE='cheap' must be US dollars per hour above 0: set it like "
+                                  "SPOT_MAX_PRICE=0.05"),
+    ({"SPOT_MAX_PRICE": "0"}, "SPOT_MAX_PRICE='0' must be US dollars per hour above 0"),
 ]
 
 
@@ -342,3 +346,4 @@ def test_a_run_going_on_fewer_nodes_is_re_attached_on_its_own_ranks(project: dic
     assert done.returncode == 0, done.stderr
     assert "on rank 0: node 00000000" in done.stdout and "on rank 1:" not in done.stdout
     assert '"run_id": "run-1"' in done.stdout and "--nnodes 1 --node_rank 0" in done.stdout
+

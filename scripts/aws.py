@@ -248,7 +248,7 @@ def state_words(instance: dict[str, Any] | None) -> str:
 def terminate_and_wait(client: BaseClient, instance_ids: Sequence[str], timeout: float) -> None:
     """Terminate instances and wait until none is left alive.
 
-    Unknown and already-terminated ids count as done. Raises TimeoutError
+    Unknown and already-terminated ids count as done. Raises AwsError
     naming the instances still alive at the deadline.
     """
     ids = sorted(set(instance_ids))
@@ -278,7 +278,7 @@ def terminate_and_wait(client: BaseClient, instance_ids: Sequence[str], timeout:
         left = deadline - time.monotonic()
         if left <= 0:
             still = ", ".join(f"{i} ({s})" for i, s in sorted(alive.items()))
-            raise TimeoutError(f"instances not terminated after {timeout:.0f} s: {still}")
+            raise AwsError(f"instances not terminated after {timeout:.0f} s: {still}")
         time.sleep(min(pause, left))
         pause = min(pause * 2, 10.0)
 

@@ -63,10 +63,7 @@ def terminate_nodes(settings: Settings, handles: Clap, state: dict, ids: list[st
 
     cloud_ids = [node["cloud_id"] for node in state["nodes"] if node["id"] in ids]
     with aws.aws_errors("they stay in nodes.json: `make down` terminates them"):
-        try:
-            aws.terminate_and_wait(aws_client(settings), cloud_ids, timeout=600)
-        except TimeoutError as error:
-            raise aws.AwsError(str(error)) from None
+        aws.terminate_and_wait(aws_client(settings), cloud_ids, timeout=600)
     for node_id in ids:
         handles.node_manager.remove_node(node_id)
     state["nodes"] = [node for node in state["nodes"] if node["id"] not in ids]
@@ -108,8 +105,5 @@ def sweep_instances(settings: Settings, state: dict | None) -> list[str]:
     cluster_id = state["cluster_id"] if state else None
     with aws.aws_errors("run `make down` again, or terminate them in the EC2 console"):
         alive = [i["InstanceId"] for i in aws.find_cluster_instances(client, PROJECT, owner, cluster_id)]
-        try:
-            aws.terminate_and_wait(client, alive, timeout=600)
-        except TimeoutError as error:
-            raise aws.AwsError(str(error)) from None
+        aws.terminate_and_wait(client, alive, timeout=600)
     return alive

@@ -91,11 +91,8 @@ class AwsProvider(AbstractInstanceProvider):
         stopped = []
         for provider_id, nodes in _by_provider(nodes_to_stop).items():
             with aws_errors("they stay recorded: run `make down` again"):
-                try:
-                    aws.terminate_and_wait(aws.client(self._session(provider_id), "ec2"),
-                                           [node.cloud_instance_id for node in nodes], timeout)
-                except TimeoutError as error:
-                    raise aws.AwsError(str(error)) from None
+                aws.terminate_and_wait(aws.client(self._session(provider_id), "ec2"),
+                                       [node.cloud_instance_id for node in nodes], timeout)
             for node in nodes:
                 node = copy.deepcopy(node)
                 node.status, node.ip = NodeStatus.STOPPED, None

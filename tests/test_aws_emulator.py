@@ -388,6 +388,29 @@ def test_an_ec2_refusal_becomes_one_sentence() -> None:
     assert str(raised.value).endswith("(an admin of the account can); the nodes are recorded.")
 
 
+class StuckEc2:
+    """EC2 as terminate_and_wait sees it, with an instance that never gets past shutting-down."""
+
+    def __init__(self) -> None:
+        self.terminated: list[str] = []
+
+    def get_paginator(self, operation: str) -> Any:
+        instance = {"InstanceId": "i-0123456789abcdef0", "State": {"Name": "shutting-down"}}
+        return type("Pages", (), {"paginate": lambda _, **kw: [{"Reservations": [{"Instances": [instance]}]}]})()
+
+    def terminate_instances(self, InstanceIds: list[str]) -> None:  # noqa: N803  boto3's own keyword
+        self.terminated += InstanceIds
+
+
+def test_a_termination_past_its_deadline_is_one_sentence() -> None:
+    import output
+
+    with pytest.raises(output.UserError) as raised, aws.aws_errors("run `make down` again"):
+        aws.terminate_and_wait(StuckEc2(), ["i-0123456789abcdef0"], timeout=1)
+    assert str(raised.value) == ("instances not terminated after 1 s: i-0123456789abcdef0 (shutting-down); "
+                                 "run `make down` again.")
+
+
 class FakeNodes:
     """CLAP's node manager as wait_for_ssh sees it, on a clock that sleeps advance."""
 

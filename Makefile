@@ -9,6 +9,7 @@ VENV ?= .venv#            where the Python environment lives: make deps VENV=/op
 PYTHON ?= python3#        the Python that makes the venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stamp
+LOCAL_STAMP := $(VENV)/.stamp-local
 CLAP_SOURCE := $(or $(CLAP),CLAP)/app/cli/modules/node.py
 PYTEST_ARGS ?=#           e.g. make test PYTEST_ARGS='-k role -x'
 PYTEST_WORKERS ?= 2#      tests at once (pytest-xdist), each on its own subnets; 0: one at a time
@@ -61,20 +62,26 @@ sweep: $(STAMP) ## one run per size of SIZES (and type of INSTANCE_TYPES) into R
 
 ##@ Development
 .PHONY: deps
-deps: $(STAMP) ## make the venv with the pinned requirements (only when they change)
+deps: $(STAMP) ## make the venv with the pinned requirements (only when they change; torch comes on first local use)
 
-$(STAMP): requirements.txt requirements-local.txt requirements-dev.txt | $(CLAP_SOURCE)
+$(STAMP): requirements.txt requirements-collections.txt requirements-dev.txt | $(CLAP_SOURCE)
 	$(PY) -c '' 2>/dev/null || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -r requirements.txt -r requirements-local.txt -r requirements-dev.txt
+	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
+	$(PY) scripts/role_collections.py requirements-collections.txt
 	touch $@
 
 # An empty CLAP submodule is filled on every make until it is; a CLAP= checkout is left as it is.
 $(CLAP_SOURCE):
 	@$(PYTHON) scripts/clap_source.py fill
 
+# torch, for the local demo and the tests only: the local steps install it on first use as well.
+$(LOCAL_STAMP): requirements-local.txt | $(STAMP)
+	$(PY) -m pip install -q -r requirements-local.txt
+	touch $@
+
 .PHONY: test
 test: export CLAP := $(or $(CLAP),$(shell $(PYTHON) scripts/clap_source.py for-tests))
-test: $(STAMP) lint ## lint, then every test (CLAP: yours, the submodule, or the pinned archive in ../shared)
+test: $(STAMP) $(LOCAL_STAMP) lint ## lint, then every test (CLAP: yours, the submodule, or the pinned archive in ../shared)
 	$(PY) -m pytest --numprocesses $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 .PHONY: lint

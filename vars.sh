@@ -24,6 +24,8 @@ STALL_TIMEOUT=300           # a rank whose output has not grown this long (secon
 MASTER_PORT=29500           # rendezvous port on rank 0
 KEYPAIR_NAME=               # aws: name of your EC2 key pair (key.pem/key.pub in clap_config/private)
 MAX_HOURS=3                 # aws: a node terminates itself this long after `make up`, forgotten or not
+MARKET=on-demand            # aws: on-demand, or spot (cheaper; EC2 may reclaim a node, which ends the run)
+SPOT_MAX_PRICE=             # aws, MARKET=spot: the most USD per hour per node; empty: the on-demand price
 SSH_HOSTS=                  # local: your own machines instead of namespace hosts, comma-separated
 SSH_USER=root               # local with SSH_HOSTS: the login user (key: clap_config/private/ssh_key)
 LOCAL_SUBNET=10.213.0.0/24  # local: the namespace hosts' private subnet

@@ -1,17 +1,21 @@
-"""Small boto3 helpers for the AWS steps: credentials, our tags, orphan sweep, cost.
+"""boto3 helpers for the AWS steps and our EC2 provider: credentials, images, the checks made
+before anything starts, our tags, waits with deadlines, cost.
 
 No CLAP import: these read CLAP's config files directly so that a step can
 check or clean up even when CLAP is broken or its node records are gone.
+aws_errors turns any failure of theirs into the one sentence the user sees.
 Secrets are read from the key files and handed to boto3 only; no message
-here contains them.
+here contains them. The endpoint is botocore's own (AWS_ENDPOINT_URL, as the
+tests' EC2 emulator sets it).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +30,21 @@ from botocore.exceptions import (
     EndpointConnectionError,
     NoCredentialsError,
     ReadTimeoutError,
+    WaiterError,
 )
+
+from output import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 PRICES_FILE = ROOT / "clap_config" / "prices.yaml"
 
-# Our own tags, namespaced so the orphan sweep never matches somebody else's
-# generic "Project" tag in a shared account.
+# Our own tags, namespaced so the sweep never matches somebody else's generic "Project" tag in a
+# shared account. The owner is the checkout that started the instance (aws_launch.owner_id).
 TAG_PROJECT = "ClapProject"
 TAG_CLUSTER = "ClapClusterId"
+TAG_OWNER = "ClapOwner"
+# AWS's own syntax for an AMI named by a public SSM parameter (RunInstances accepts it too).
+SSM_IMAGE = "resolve:ssm:"
 
 LIVE_STATES: tuple[str, ...] = ("pending", "running", "stopping", "stopped")
 
@@ -48,10 +58,8 @@ _AUTH_CODES = {
 }
 _DENIED_CODES = {"UnauthorizedOperation", "AccessDenied", "AccessDeniedException"}
 _NOT_FOUND_CODES = {"InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed"}
-# Real AWS is eventually consistent: a just-launched id may be unknown for a moment.
-_TAG_RETRIES = 5
-# How far this machine's clock may be off AWS's when matching an untagged instance to its `up`.
-LAUNCH_CLOCK_SLACK_S = 60
+_CLIENT_CONFIG = Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": 3, "mode": "standard"})
+WAIT_EVERY_S = 5  # seconds between two DescribeInstances while waiting for a state
 
 
 class AwsError(RuntimeError):
@@ -91,11 +99,6 @@ def _read_key(private: Path, name: str, what: str) -> str:
     return value
 
 
-def endpoint_url() -> str | None:
-    """The endpoint CLAP's Ansible modules use: AWS_URL, then EC2_URL (their precedence)."""
-    return os.environ.get("AWS_URL") or os.environ.get("EC2_URL") or None
-
-
 def session_from_clap_config(clap_path: Path, provider_id: str) -> boto3.session.Session:
     """A boto3 session with the keys and region CLAP's provider `provider_id` uses."""
     entry = provider_config(clap_path, provider_id)
@@ -107,11 +110,14 @@ def session_from_clap_config(clap_path: Path, provider_id: str) -> boto3.session
     )
 
 
+def client(session: boto3.session.Session, service: str) -> BaseClient:
+    """A client of `service` (ec2, ssm) with short timeouts and few retries."""
+    return session.client(service, config=_CLIENT_CONFIG)
+
+
 def ec2_client_from_clap_config(clap_path: Path, provider_id: str) -> BaseClient:
-    """EC2 client for `provider_id`, at EC2_URL when set; short timeouts, few retries."""
-    session = session_from_clap_config(clap_path, provider_id)
-    config = Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": 3, "mode": "standard"})
-    return session.client("ec2", endpoint_url=endpoint_url(), config=config)
+    """EC2 client for `provider_id`."""
+    return client(session_from_clap_config(clap_path, provider_id), "ec2")
 
 
 def check_credentials(client: BaseClient) -> None:
@@ -122,7 +128,8 @@ def check_credentials(client: BaseClient) -> None:
     except NoCredentialsError:
         raise AwsError("no AWS credentials: fill the access/secret key files named in providers.yaml") from None
     except (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError):
-        raise AwsError(f"cannot reach the EC2 endpoint {where}: check the network, the region or EC2_URL") from None
+        raise AwsError(f"cannot reach the EC2 endpoint {where}: check the network, the region or "
+                       f"AWS_ENDPOINT_URL") from None
     except ClientError as e:
         code = e.response.get("Error", {}).get("Code", "")
         if code in _AUTH_CODES:
@@ -152,20 +159,20 @@ def refusal(error: ClientError) -> str:
     return f"EC2 {operation} was refused ({code}{': ' + words if words else ''}): {fix}"
 
 
-def tag_instances(client: BaseClient, instance_ids: Sequence[str], project: str, cluster_id: str) -> None:
-    """Put our project and cluster tags on instances (e.g. the cloud ids CLAP just started)."""
-    if not instance_ids:
+@contextmanager
+def aws_errors(then: str = "") -> Iterator[None]:
+    """Any failed EC2 call inside becomes the one sentence the user sees, plus what `then` says."""
+    try:
+        yield
+    except ClientError as error:
+        message = refusal(error)
+    except BotoCoreError as error:
+        message = f"an EC2 call failed ({error})"
+    except AwsError as error:
+        message = str(error)
+    else:
         return
-    tags = [{"Key": TAG_PROJECT, "Value": project}, {"Key": TAG_CLUSTER, "Value": cluster_id}]
-    for attempt in range(_TAG_RETRIES):
-        try:
-            client.create_tags(Resources=list(instance_ids), Tags=tags)
-            return
-        except ClientError as e:
-            code = e.response.get("Error", {}).get("Code", "")
-            if code != "InvalidInstanceID.NotFound" or attempt == _TAG_RETRIES - 1:
-                raise
-            time.sleep(1 + attempt)
+    raise UserError(f"{message}{'; ' + then if then else ''}.")
 
 
 def _describe(client: BaseClient, filters: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -176,74 +183,72 @@ def _describe(client: BaseClient, filters: list[dict[str, Any]]) -> list[dict[st
 def find_cluster_instances(
     client: BaseClient,
     project: str,
+    owner: str | None = None,
     cluster_id: str | None = None,
     states: Iterable[str] = LIVE_STATES,
 ) -> list[dict[str, Any]]:
-    """Instances carrying our project tag (and cluster tag if given), in `states`.
+    """Instances carrying our project tag (and owner, cluster tags if given), in `states`.
 
-    Found by tag, not by CLAP's records, so this also finds orphans whose
-    record was deleted.
+    Found by tag, not by CLAP's records, so this also finds instances whose
+    record was lost.
     """
     filters = [{"Name": "instance-state-name", "Values": list(states)},
                {"Name": f"tag:{TAG_PROJECT}", "Values": [project]}]
-    if cluster_id is not None:
-        filters.append({"Name": f"tag:{TAG_CLUSTER}", "Values": [cluster_id]})
+    for key, value in ((TAG_OWNER, owner), (TAG_CLUSTER, cluster_id)):
+        if value is not None:
+            filters.append({"Name": f"tag:{key}", "Values": [value]})
     return _describe(client, filters)
 
 
-@dataclass(frozen=True)
-class Launch:
-    """What one `up` asked EC2 for: its key pair, AMI and type, and when (epoch seconds)."""
-
-    key_name: str
-    image_id: str
-    instance_type: str
-    since: float
+def tags_of(instance: dict[str, Any]) -> dict[str, str]:
+    return {tag["Key"]: tag["Value"] for tag in instance.get("Tags", [])}
 
 
-def launched_by(instance: dict[str, Any], launch: Launch) -> bool:
-    """Whether an instance without our tags is one that `launch` started.
-
-    The `ec2` module tags only after its wait for `running`: a start cut short
-    (Ctrl-C, timeout) leaves instances with no tag of ours and no CLAP record.
-    They match the launch's key pair, AMI and type and were launched after it
-    began; LAUNCH_CLOCK_SLACK_S allows for this machine's clock differing from AWS's.
-    """
-    launched = instance["LaunchTime"]
-    launched = launched.timestamp() if hasattr(launched, "timestamp") else float(launched)
-    return (
-        TAG_PROJECT not in {tag["Key"] for tag in instance.get("Tags", [])}
-        and instance.get("KeyName") == launch.key_name
-        and instance.get("ImageId") == launch.image_id
-        and instance.get("InstanceType") == launch.instance_type
-        and launched >= launch.since - LAUNCH_CLOCK_SLACK_S
-    )
-
-
-def find_untagged_launches(client: BaseClient, launch: Launch) -> list[dict[str, Any]]:
-    """Live instances that `launch` started but never tagged (see launched_by)."""
-    filters = [
-        {"Name": "instance-state-name", "Values": list(LIVE_STATES)},
-        {"Name": "key-name", "Values": [launch.key_name]},
-        {"Name": "image-id", "Values": [launch.image_id]},
-        {"Name": "instance-type", "Values": [launch.instance_type]},
-    ]
-    return [instance for instance in _describe(client, filters) if launched_by(instance, launch)]
+def describe(client: BaseClient, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The instances of these ids that EC2 still knows, by id: an id it has forgotten (a terminated
+    instance vanishes after about an hour) is simply absent. A filter, unlike InstanceIds=, does not
+    fail the whole call (InvalidInstanceID.NotFound) on an unknown id."""
+    ids = sorted(set(ids))
+    out: dict[str, dict[str, Any]] = {}
+    for i in range(0, len(ids), 100):
+        for inst in _describe(client, [{"Name": "instance-id", "Values": ids[i : i + 100]}]):
+            out[inst["InstanceId"]] = inst
+    return out
 
 
 def _states(client: BaseClient, ids: list[str]) -> dict[str, str]:
-    # A filter, unlike InstanceIds=, does not fail the whole call on an unknown id.
-    out: dict[str, str] = {}
-    for i in range(0, len(ids), 100):
-        for inst in _describe(client, [{"Name": "instance-id", "Values": ids[i : i + 100]}]):
-            out[inst["InstanceId"]] = inst["State"]["Name"]
-    return out
+    return {iid: inst["State"]["Name"] for iid, inst in describe(client, ids).items()}
+
+
+def wait_running(client: BaseClient, ids: Sequence[str], timeout: float) -> list[dict[str, Any]]:
+    """Wait until every instance runs, at most `timeout` seconds; returns them as EC2 describes them.
+
+    Raises AwsError naming the instances and their states when the deadline passes or one of
+    them ends instead (say, a spot request EC2 could not fill)."""
+    waiter = client.get_waiter("instance_running")
+    try:
+        waiter.wait(InstanceIds=list(ids),
+                    WaiterConfig={"Delay": WAIT_EVERY_S, "MaxAttempts": max(1, math.ceil(timeout / WAIT_EVERY_S))})
+    except WaiterError:
+        found = describe(client, ids)
+        states = ", ".join(f"{iid} {state_words(found.get(iid))}" for iid in ids)
+        raise AwsError(f"the instances did not all reach `running` (waited up to {timeout:.0f} s): {states}") from None
+    found = describe(client, ids)
+    return [found[iid] for iid in ids]
+
+
+def state_words(instance: dict[str, Any] | None) -> str:
+    """An instance's state as the user reads it, with EC2's reason (a reclaimed spot instance...)."""
+    if instance is None:
+        return "gone (EC2 no longer knows it)"
+    reason = instance.get("StateReason", {}).get("Message")
+    return instance["State"]["Name"] + (f" ({reason})" if reason else "")
 
 
 def terminate_and_wait(client: BaseClient, instance_ids: Sequence[str], timeout: float) -> None:
     """Terminate instances and wait until none is left alive.
 
-    Unknown and already-terminated ids count as done. Raises TimeoutError
+    Unknown and already-terminated ids count as done. Raises AwsError
     naming the instances still alive at the deadline.
     """
     ids = sorted(set(instance_ids))
@@ -273,7 +278,7 @@ def terminate_and_wait(client: BaseClient, instance_ids: Sequence[str], timeout:
         left = deadline - time.monotonic()
         if left <= 0:
             still = ", ".join(f"{i} ({s})" for i, s in sorted(alive.items()))
-            raise TimeoutError(f"instances not terminated after {timeout:.0f} s: {still}")
+            raise AwsError(f"instances not terminated after {timeout:.0f} s: {still}")
         time.sleep(min(pause, left))
         pause = min(pause * 2, 10.0)
 
@@ -284,19 +289,19 @@ def _covers_all_tcp(perm: dict[str, Any]) -> bool:
     return perm.get("IpProtocol") == "tcp" and perm.get("FromPort", 0) <= 0 and perm.get("ToPort", 0) >= 65535
 
 
-def security_group_allows_intra_group_tcp(client: BaseClient, group_name: str) -> bool | None:
-    """Whether members of the group can reach each other on every TCP port; None if no such group.
+def groups_closed_to_members(client: BaseClient, group_name: str) -> list[str] | None:
+    """The ids of the security groups named `group_name` whose members cannot reach each other on
+    every TCP port (gloo opens random ports); None if there is no such group.
 
-    CLAP's own group template opens only 22/80/443 from anywhere, which is not
-    enough for nodes that talk to each other (e.g. a rendezvous port).  True
-    when an all-TCP rule names the group itself or 0.0.0.0/0; with several
-    groups of that name (one per VPC) all must allow it.
+    An all-TCP inbound rule whose source is the group itself or 0.0.0.0/0 opens them. CLAP's own
+    group template opens only 22/80/443. With several groups of that name (one per VPC) each
+    must have it.
     """
     groups = client.describe_security_groups(Filters=[{"Name": "group-name", "Values": [group_name]}])["SecurityGroups"]
     if not groups:
         return None
 
-    def allows(group: dict[str, Any]) -> bool:
+    def open_to_members(group: dict[str, Any]) -> bool:
         for perm in group.get("IpPermissions", []):
             if not _covers_all_tcp(perm):
                 continue
@@ -306,7 +311,70 @@ def security_group_allows_intra_group_tcp(client: BaseClient, group_name: str) -
                 return True
         return False
 
-    return all(allows(g) for g in groups)
+    return [group["GroupId"] for group in groups if not open_to_members(group)]
+
+
+def key_pair_exists(client: BaseClient, name: str) -> bool:
+    try:
+        return bool(client.describe_key_pairs(KeyNames=[name])["KeyPairs"])
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") == "InvalidKeyPair.NotFound":
+            return False
+        raise
+
+
+def resolve_image(session: boto3.session.Session, image_id: str) -> str:
+    """An AMI id: `resolve:ssm:<parameter>` (AWS's syntax) is read from that public SSM parameter,
+    such as Canonical's current Ubuntu LTS; anything else is the AMI id itself."""
+    if not image_id.startswith(SSM_IMAGE):
+        return image_id
+    name = image_id[len(SSM_IMAGE):]
+    try:
+        return client(session, "ssm").get_parameter(Name=name)["Parameter"]["Value"]
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") == "ParameterNotFound":
+            raise AwsError(f"the SSM parameter {name} does not exist in {session.region_name}: name an AMI "
+                           f"(image_id) of that region in the template instead") from None
+        raise
+
+
+def find_image(client: BaseClient, ami: str) -> dict[str, Any] | None:
+    """The AMI as EC2 describes it (RootDeviceName, Name...), or None if the region has no such AMI."""
+    try:
+        images = client.describe_images(ImageIds=[ami])["Images"]
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") in ("InvalidAMIID.NotFound", "InvalidAMIID.Malformed",
+                                                            "InvalidAMIID.Unavailable"):
+            return None
+        raise
+    return images[0] if images else None
+
+
+def dry_run(client: BaseClient, operation: str, **params: Any) -> None:
+    """Ask EC2 whether the call would be allowed, doing nothing (DryRun). Returns when EC2 says
+    it would succeed; raises the ClientError it refuses with (UnauthorizedOperation...).
+
+    A made-up instance id (for CreateTags or TerminateInstances before any instance exists)
+    may be answered with InvalidInstanceID.NotFound, which says nothing against the permission:
+    that passes too."""
+    try:
+        getattr(client, operation)(DryRun=True, **params)
+    except ClientError as error:
+        code = error.response.get("Error", {}).get("Code", "")
+        if code == "DryRunOperation" or code in _NOT_FOUND_CODES:
+            return
+        raise
+
+
+def spot_price(client: BaseClient, instance_type: str) -> float | None:
+    """The current Linux spot price of `instance_type`, USD per hour: the highest of the region's
+    availability zones (the zone is EC2's choice); None when EC2 gives none."""
+    history = client.describe_spot_price_history(InstanceTypes=[instance_type], StartTime=time.time(),
+                                                 ProductDescriptions=["Linux/UNIX", "Linux/UNIX (Amazon VPC)"])
+    latest: dict[str, float] = {}
+    for entry in sorted(history["SpotPriceHistory"], key=lambda e: e["Timestamp"]):
+        latest[entry["AvailabilityZone"]] = float(entry["SpotPrice"])
+    return max(latest.values()) if latest else None
 
 
 def hourly_cost(instance_type: str, region: str, count: int, prices_file: Path = PRICES_FILE) -> float:

@@ -1,8 +1,8 @@
 """make check: everything that can be checked before a node starts or money is spent.
 
 Settings, CLAP's files, RESULTS_DIR; on the local cluster root, tools, app and
-data; on AWS the boto that `up` imports, the keys, the key pair, the security
-group and one cheap EC2 call. `make up` runs the same checks first.
+data; on AWS the keys, then EC2: the credentials, key pair, AMI and security group,
+and a DryRun of each call `up` and `down` make. `make up` runs the same checks first.
 """
 
 from __future__ import annotations

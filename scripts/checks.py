@@ -1,22 +1,23 @@
 """The checks every step makes before a node is started or a file is touched: the settings'
 files, RESULTS_DIR, and what the provider needs (this machine's tools for the local cluster;
-keys, key pair, region and one cheap EC2 call for AWS). Each failure is one sentence with its fix."""
+keys and what EC2 says of the account for AWS). Each failure is one sentence with its fix."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import local_efs
 import local_vm
-from aws_nodes import aws_errors
 from clap_configs import aws_template, check_configs
-from config import Settings
-from output import UserError, warn
+from config import ROOT, Settings
+from output import UserError, say
 
 
 def preflight(settings: Settings) -> None:
@@ -71,6 +72,23 @@ def check_app_here(settings: Settings) -> None:
     if not shutil.which(settings.dcgan_python):
         raise UserError(f"DCGAN_PYTHON={settings.dcgan_python} is not an executable: point it at a Python "
                         f"that has torch.")
+    if settings.runner == "native" and "DCGAN_PYTHON" not in settings.user_set and not settings.dry_run:
+        install_demo_torch(ROOT / "requirements-local.txt")
+
+
+def install_demo_torch(requirements: Path) -> None:
+    """The local demo trains with this venv's torch, which `make deps` leaves out (the AWS path does
+    not need it, and PyPI's Linux build is the multi-GB CUDA one): pip installs it on first use."""
+    if importlib.util.find_spec("torch"):
+        return
+    say(f"installing torch for the local demo, once ({requirements.name})")
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", str(requirements)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        words = [line for line in done.stderr.splitlines() if line.startswith("ERROR")] or ["pip failed"]
+        raise UserError(f"pip could not install torch for the local demo ({words[0]}): for its CPU build on Linux "
+                        f"x86_64 add PyTorch's index (PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu), "
+                        f"or set DCGAN_PYTHON to a Python that has torch.")
 
 
 def check_cloud_like(settings: Settings) -> None:
@@ -92,10 +110,12 @@ def test_batch(settings: Settings) -> Path:
 
 
 def check_aws(settings: Settings) -> None:
-    """Keys, key pair, region and one cheap EC2 call: a wrong key fails here, not half-way."""
+    """Keys and their files' modes; then EC2 itself: the credentials, the key pair, the AMI, the
+    security group, and whether the account may run, tag and terminate instances (DryRun). A wrong
+    key or a missing permission fails here, not half-way through a paid cluster."""
     import aws
+    from aws_launch import image_of, launch_for, owner_id, run_request
 
-    check_boto2()
     template, provider, login = aws_template(settings)
     private = settings.clap_path / "private"
     for name, what in ((provider["access_keyfile"], "your AWS access key id"),
@@ -103,48 +123,56 @@ def check_aws(settings: Settings) -> None:
         path = private / name
         if not path.is_file() or not path.read_text().strip():
             raise UserError(f"{path} is missing or empty: put {what} in it (see .env.example).")
+    check_private(private / provider["secret_access_keyfile"])
     if not settings.keypair_name:
         raise UserError("KEYPAIR_NAME is empty: set it in .env to the name of your EC2 key pair.")
     key = private / login["keypair_private_file"]
     public = private / login["keypair_public_file"]
     if not key.is_file():
         raise UserError(f"{key} is missing: put the private key of key pair {settings.keypair_name} there.")
-    mode = key.stat().st_mode & 0o777
-    if mode & 0o077:
-        raise UserError(f"{key} is readable by others (mode {mode:04o}): chmod 600 {key}.")
+    check_private(key)
     derived = subprocess.run(["ssh-keygen", "-y", "-f", str(key)], capture_output=True, text=True)
     if derived.returncode != 0:
         raise UserError(f"{key} is not a private key ssh can read: put the key pair's .pem there.")
     if not public.is_file() or public.read_text().split()[:2] != derived.stdout.split()[:2]:
         raise UserError(f"{public} does not match {key}: write it with ssh-keygen -y -f {key} > {public}.")
-    regions = aws.boto3.session.Session().get_available_regions("ec2")
-    if provider["region"] not in regions:
-        raise UserError(f"region {provider['region']!r} in {settings.clap_path / 'configs' / 'providers.yaml'} "
+    region = provider["region"]
+    if region not in aws.boto3.session.Session().get_available_regions("ec2"):
+        raise UserError(f"region {region!r} in {settings.clap_path / 'configs' / 'providers.yaml'} "
                         f"is not an EC2 region: use one like us-east-1.")
     if settings.runner == "docker" and not settings.efs_host:
         raise UserError("EFS_HOST is empty: set it in .env to the IP address of your EFS mount target "
                         "(the docker runner reads the app and data from it).")
-    with aws_errors():
-        client = aws.ec2_client_from_clap_config(settings.clap_path, template["provider"])
+    instances_file = settings.clap_path / "configs" / "instances.yaml"
+    with aws.aws_errors():
+        session = aws.session_from_clap_config(settings.clap_path, template["provider"])
+        client = aws.client(session, "ec2")
         aws.check_credentials(client)
+        if not aws.key_pair_exists(client, settings.keypair_name):
+            raise UserError(f"KEYPAIR_NAME={settings.keypair_name}: EC2 has no key pair of that name in {region}: "
+                            f"import key.pub there (EC2 console > Key pairs > Import) or name an existing one.")
+        image = image_of(session, client, str(template["image_id"]))
         group = template.get("security_group")
-        allowed = aws.security_group_allows_intra_group_tcp(client, group) if group else True
-    if allowed is None:
-        raise UserError(f"security group {group} (INSTANCE_TYPE={settings.instance_type} in "
-                        f"{settings.clap_path / 'configs' / 'instances.yaml'}) does not exist in {provider['region']}: "
-                        f"create it with an all-TCP rule from the group itself, or name an existing one there.")
-    if not allowed:
-        warn(f"security group {group} does not let the nodes reach each other on every TCP port; "
-             f"gloo needs that: add an all-TCP rule from the group itself.")
+        closed = aws.groups_closed_to_members(client, group) if group else []
+    if closed is None:
+        raise UserError(f"security group {group} (INSTANCE_TYPE={settings.instance_type} in {instances_file}) does "
+                        f"not exist in {region}: create it with an all-TCP rule from the group itself, or name an "
+                        f"existing one there.")
+    if closed:
+        raise UserError(f"security group {group} ({', '.join(closed)}) does not let its members reach each other on "
+                        f"every TCP port, which the training (gloo) needs: add an inbound rule to it: type All TCP, "
+                        f"source {closed[0]} (the group itself).")
+    # What `up` will ask, asked with DryRun: the launch with its tags, a tag, a termination.
+    launch = launch_for(settings, {"cluster_id": "c-check", "created": time.time()}, owner_id(settings) or "o-check")
+    made_up = "i-0123456789abcdef0"  # no instance of ours may exist yet: EC2 checks the permission first
+    with aws.aws_errors():
+        aws.dry_run(client, "run_instances", **run_request(launch, template, settings.keypair_name, image, 1))
+        aws.dry_run(client, "create_tags", Resources=[made_up], Tags=[{"Key": aws.TAG_PROJECT, "Value": "check"}])
+        aws.dry_run(client, "terminate_instances", InstanceIds=[made_up])
 
 
-def check_boto2() -> None:
-    """CLAP starts and stops instances with Ansible's `ec2` module, which imports boto (boto2) in
-    this very Python (Ansible's implicit localhost); boto2 does not import on Python 3.12+."""
-    try:
-        import boto.ec2  # noqa: F401
-    except Exception as error:  # boto2 breaks on new Pythons in more ways than ImportError: any failure counts
-        version = ".".join(map(str, sys.version_info[:3]))
-        raise UserError(f"this Python ({version}, {sys.executable}) cannot import boto ({error}), which `make up` "
-                        f"and `make down` need to start and stop EC2 instances: boto works on Python 3.8 to "
-                        f"3.11, so rebuild the venv with one (rm -rf .venv && make deps PYTHON=python3.11).") from None
+def check_private(path: Path) -> None:
+    """A key file only its owner may read (0600 or 0400), as ssh demands of key.pem."""
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise UserError(f"{path} is readable by others (mode {mode:04o}): chmod 600 {path}.")

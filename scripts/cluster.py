@@ -1,4 +1,4 @@
-"""CLAP and Ansible as the steps drive them: CLAP's handles with our local provider in them, the
+"""CLAP and Ansible as the steps drive them: CLAP's handles with our providers (local, aws) in them, the
 environment and the logs of Ansible's runs, and what CLAP's records and the providers know of the nodes."""
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ from config import ROOT, Settings
 from output import UserError, output_to, warn
 
 SSH_SILENCE_S = 15  # seconds without an answer after which Ansible's SSH gives a node up
-AWS_ENV_OVERRIDES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
-                     "AWS_DEFAULT_PROFILE")
 
 
 @dataclass
@@ -49,10 +47,6 @@ def import_clap(settings: Settings) -> None:
 def clap(settings: Settings, state: dict | None = None) -> Clap:
     import_clap(settings)
     os.environ.update(ansible_env(settings, state))  # CLAP hands os.environ to Ansible
-    if settings.provider == "aws":
-        # Ansible's AWS modules prefer these to CLAP's key files: keep to the files.
-        for name in AWS_ENV_OVERRIDES:
-            os.environ.pop(name, None)
     from app.cli.modules.node import get_config_db, get_node_manager
     from app.cli.modules.role import get_role_manager
 
@@ -63,6 +57,11 @@ def clap(settings: Settings, state: dict | None = None) -> Clap:
     node_manager.providers["local"] = LocalProvider(
         LocalHosts(settings.local_dir, settings.local_subnet),
         settings.clap_path / "private", known_hosts_file(settings), settings.ssh_hosts, cluster_tags(state))
+    if settings.provider == "aws":
+        from aws_provider import AwsProvider
+
+        # Ours in place of CLAP's, which needs boto2 and ansible 6.7.0 (see aws_provider).
+        node_manager.providers["aws"] = AwsProvider(settings, state)
     return Clap(get_config_db(), node_manager, get_role_manager())
 
 

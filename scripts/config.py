@@ -83,6 +83,8 @@ class Settings:
     master_port: int
     keypair_name: str
     max_hours: float
+    market: str
+    spot_max_price: str
     ssh_hosts: list[str]
     ssh_user: str
     local_subnet: str
@@ -141,6 +143,25 @@ def _hours(value: str) -> float:
         raise UserError(f"MAX_HOURS={value!r} must be a number of hours above 0 and at most 168: "
                         f"set it like MAX_HOURS=3.")
     return hours
+
+
+def _market(value: str) -> str:
+    if value not in ("on-demand", "spot"):
+        raise UserError(f"MARKET={value!r} is unknown: use MARKET=on-demand or MARKET=spot.")
+    return value
+
+
+def _spot_max_price(value: str) -> str:
+    if not value:
+        return value  # EC2's default
+    try:
+        price = float(value)
+    except ValueError:
+        price = -1
+    if not 0 < price < float("inf"):
+        raise UserError(f"SPOT_MAX_PRICE={value!r} must be US dollars per hour above 0: set it like "
+                        f"SPOT_MAX_PRICE=0.05, or leave it empty for EC2's default (the on-demand price).")
+    return value
 
 
 def _app_args(value: str) -> str:
@@ -227,6 +248,8 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         master_port=_whole(raw, "MASTER_PORT", 1024, "29500"),
         keypair_name=raw["KEYPAIR_NAME"],
         max_hours=_hours(raw["MAX_HOURS"]),
+        market=_market(raw["MARKET"].strip()),
+        spot_max_price=_spot_max_price(raw["SPOT_MAX_PRICE"].strip()),
         ssh_hosts=[h.strip() for h in raw["SSH_HOSTS"].split(",") if h.strip()],
         ssh_user=raw["SSH_USER"],
         local_subnet=raw["LOCAL_SUBNET"],

@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def plan(settings: config.Settings, ids: list[str]) -> str:
-    sweep = f"instances tagged {cluster_state.PROJECT}" if settings.provider == "aws" else "unrecorded local hosts"
+    sweep = (f"this checkout's instances tagged {cluster_state.PROJECT}" if settings.provider == "aws"
+             else "unrecorded local hosts")
     return (f"DRY RUN: would stop {len(ids)} nodes ({', '.join(cluster_state.short_id(i) for i in ids) or 'none'}), "
             f"sweep {sweep} and clear {settings.nodes_file.name}. Nothing was stopped or written.")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,9 @@ def main(argv: list[str] | None = None) -> int:
         [str(bin_dir / "yamllint"), "--strict", "."],
         [str(bin_dir / "ansible-lint"), "--offline", "-q", *sorted(str(p) for p in PLAYBOOKS.glob("dcgan_*.yaml"))],
     ]
-    failed = [check[0] for check in checks if subprocess.run(check, cwd=ROOT).returncode != 0]
+    # ansible-lint runs ansible-playbook --syntax-check, and warns unless this venv's bin is on PATH.
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    failed = [check[0] for check in checks if subprocess.run(check, cwd=ROOT, env=env).returncode != 0]
     if failed:
         print(f"lint failed: {', '.join(Path(f).name for f in failed)}", file=sys.stderr)
         return 1

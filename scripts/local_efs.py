@@ -26,6 +26,7 @@ WHEELS = CACHE / "wheels"
 # The nodes' Python (Debian 12's) and machine: the wheels their image installs must fit them, not this venv.
 NODE_WHEEL_TARGET = ("--python-version", "3.11", "--only-binary=:all:", "--platform", "manylinux_2_28_x86_64",
                      "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64")
+NODE_MARKERS = {"sys_platform": "linux", "platform_machine": "x86_64"}  # the same, for requirements' markers
 
 
 def export_dir(settings: Settings) -> Path:
@@ -73,10 +74,21 @@ def make_synthetic_data(settings: Settings, out: Path | str) -> None:
                     "--test-images", str(settings.synthetic_images)], check=True)
 
 
+def node_torch_pin(requirements: Path) -> str:
+    """The torch pin of `requirements` whose marker holds on the nodes (Linux x86_64: the CPU build)."""
+    from packaging.requirements import Requirement
+
+    for line in requirements.read_text().splitlines():
+        if line.startswith("torch"):
+            torch = Requirement(line)
+            if torch.marker is None or torch.marker.evaluate(NODE_MARKERS):
+                return f"{torch.name}{torch.specifier}"
+    raise UserError(f"{requirements} pins no torch for Linux x86_64: pin one there (torch==<version>+cpu).")
+
+
 def copy_wheels(target: Path) -> None:
     """The torch of requirements-local.txt and what it needs, as wheels for the nodes' Python."""
-    pin = next(line.strip() for line in (ROOT / "requirements-local.txt").read_text().splitlines()
-               if line.startswith("torch=="))
+    pin = node_torch_pin(ROOT / "requirements-local.txt")
     stamp = WHEELS / pin
     if not stamp.exists():
         say(f"fetching the wheels of {pin} for the nodes' image (once)")

@@ -127,13 +127,17 @@ def show_plan(settings: Settings, state: dict, action: str, run_id: str = "") ->
 def rank_command(settings: Settings, state: dict, extra: dict, per_node: dict) -> str:
     """A rank's command line, rendered by Ansible's own templating from the role's definitions."""
     from ansible.parsing.dataloader import DataLoader
-    from ansible.template import Templar
+    from ansible.template import Templar, trust_as_template
 
-    defaults = read_yaml(settings.clap_path / "roles" / "roles" / "dcgan_defaults.yaml")
+    defaults_file = settings.clap_path / "roles" / "roles" / "dcgan_defaults.yaml"
+    read_yaml(defaults_file)  # a broken file is named with its line
+    loader = DataLoader()
+    # Ansible 2.19 renders only templates it trusts: those of the role's own files, as a play loads them.
+    defaults = loader.load_from_file(str(defaults_file), trusted_as_template=True)
     master = state["nodes"][0]
     facts = {"ansible_play_hosts_all": node_ids(state), "dcgan_master_addr": master["private_address"]}
-    templar = Templar(loader=DataLoader(), variables={**defaults, **extra, **per_node, **facts})
+    templar = Templar(loader=loader, variables={**defaults, **extra, **per_node, **facts})
     # What the rank's watchdog puts in its environment on the node (rank_watchdog.rank_environment).
     environment = (f"env GLOO_SOCKET_IFNAME=<interface to the master> "
                    f"OMP_NUM_THREADS={extra.get('omp_num_threads') or '<the node cores>'} PYTHONUNBUFFERED=1")
-    return f"{environment} {templar.template('{{ dcgan_rank_command }}')}"
+    return f"{environment} {templar.template(trust_as_template('{{ dcgan_rank_command }}'))}"

@@ -60,32 +60,47 @@ def main(argv: list[str] | None = None) -> int:
         cost = aws_nodes.hourly_cost(settings, len(state["nodes"]))
         if cost is not None:
             print(f"  cost so far about ${cost * age / 3600:.2f} (${cost:.4f}/hour)")
-        strays = cloud_strays(settings, state, {node.get("cloud_id") for node in state["nodes"]})
-        if strays:
-            print(f"  ALSO RUNNING, not in {settings.nodes_file.name}: {', '.join(strays)} (`make down` stops them)")
+        cloud_report(settings, state, {node.get("cloud_id") for node in state["nodes"]})
     return 0 if all(alive.values()) else 1
 
 
-def cloud_strays(settings: config.Settings, state: dict | None, known: set[str]) -> list[str]:
-    """Instances of this project that no record of ours names: tagged ones, and those this
-    cluster's `up` started but never tagged."""
+def cloud_report(settings: config.Settings, state: dict | None, known: set[str]) -> bool:
+    """Print the project's live instances that nodes.json does not list, found by tag: this checkout's
+    (`make down` stops them) and other checkouts' (a shared account: listed, never touched). Returns
+    whether this checkout has any."""
+    import aws
+    from aws_launch import owner_id
+
+    owner = owner_id(settings)
+    with aws.aws_errors():
+        found = aws.find_cluster_instances(aws_nodes.aws_client(settings), cluster_state.PROJECT)
+    ours = [i for i in found if owner and aws.tags_of(i).get(aws.TAG_OWNER) == owner and i["InstanceId"] not in known]
+    others = [i for i in found if owner is None or aws.tags_of(i).get(aws.TAG_OWNER) != owner]
+    cluster_id = state["cluster_id"] if state else None
+    now = [i for i in ours if cluster_id in (None, aws.tags_of(i).get(aws.TAG_CLUSTER))]
+    later = [i for i in ours if i not in now]
+    if now:
+        print(f"  RUNNING, not in {settings.nodes_file.name}: {_names(now)}: `make down` stops them")
+    if later:
+        print(f"  RUNNING, of this checkout's other clusters: {_names(later)}: `make down` stops this cluster's, "
+              f"then a second `make down` these")
+    if others:
+        print(f"  other checkouts' instances of this project (not touched): {_names(others)}")
+    return bool(ours)
+
+
+def _names(instances: list[dict]) -> str:
     import aws
 
-    client = aws_nodes.aws_client(settings)
-    with aws_nodes.aws_errors():
-        tagged = aws.find_cluster_instances(client, cluster_state.PROJECT)
-        untagged = aws_nodes.untagged_launches(settings, state, client)
-    return sorted(i["InstanceId"] for i in tagged if i["InstanceId"] not in known) + sorted(
-        f"{i['InstanceId']} (untagged)" for i in untagged)
+    return ", ".join(f"{i['InstanceId']} (cluster {aws.tags_of(i).get(aws.TAG_CLUSTER, '?')})"
+                     for i in sorted(instances, key=lambda i: i["InstanceId"]))
 
 
 def report_records(settings: config.Settings, state: dict | None) -> int:
     """No usable nodes.json: is anything of ours still running?"""
     handles = cluster.clap(settings, state)
     ids = cluster.project_nodes(handles, None)
-    strays = cloud_strays(settings, state, set()) if settings.provider == "aws" else []
-    if strays:
-        print(f"instances of this project are running: {', '.join(strays)}; `make down` terminates them.")
+    if settings.provider == "aws" and cloud_report(settings, state, set()):
         return 1
     if not ids:
         print(f"no cluster: nothing in {settings.nodes_file.name} and no node of this project in CLAP's records.")

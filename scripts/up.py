@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         if settings.provider == "aws":
             cost = aws_nodes.hourly_cost(settings, settings.nodes)
             if cost is not None:
-                output.say(f"expected cost: ${cost:.4f} per hour; they terminate themselves after "
-                           f"MAX_HOURS={settings.max_hours:g} h")
+                output.say(f"expected cost: ${cost:.4f} per hour ({settings.market}); they terminate themselves "
+                           f"after MAX_HOURS={settings.max_hours:g} h")
         cluster_state.write_state(settings, state)  # the cluster id, before anything starts
         with cluster_state.recording(settings, state, "up"):
             with cluster.clap_quietly(settings, "up", "start the nodes",
@@ -66,8 +66,6 @@ def main(argv: list[str] | None = None) -> int:
                     state["efs"] = efs
                 cluster_state.write_state(settings, state)  # recorded before anything else can fail
                 handles.node_manager.add_tags(ids, cluster_state.cluster_tags(state))
-            if settings.provider == "aws":
-                aws_nodes.adopt_instances(settings, state, [node["cloud_id"] for node in state["nodes"][first:]])
             if settings.connection_tries > 0:
                 dead = aws_nodes.wait_for_ssh(settings, handles, state, ids)
                 names = ", ".join(map(cluster_state.short_id, dead))

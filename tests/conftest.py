@@ -157,9 +157,9 @@ def project(tmp_path: Path) -> dict[str, str]:
     return project_env(tmp_path)
 
 
-def project_env(tmp_path: Path) -> dict[str, str]:
-    """Environment for the step scripts with every file of theirs under tmp_path."""
-    clap_path = tmp_path / "clap_config"
+def project_env(folder: Path) -> dict[str, str]:
+    """What a checkout of its own has: CLAP_PATH, nodes.json and results under `folder`."""
+    clap_path = folder / "clap_config"
     shutil.copytree(ROOT / "clap_config", clap_path,
                     ignore=shutil.ignore_patterns("storage", "private"))
     (clap_path / "storage").mkdir()
@@ -168,9 +168,9 @@ def project_env(tmp_path: Path) -> dict[str, str]:
     env.update({
         "ENV_FILE": os.devnull,
         "CLAP_PATH": str(clap_path),
-        "NODES_FILE": str(tmp_path / "nodes.json"),
-        "RESULTS_DIR": str(tmp_path / "results"),
-        "EFS_MOUNT_POINT": str(tmp_path / "efs"),
+        "NODES_FILE": str(folder / "nodes.json"),
+        "RESULTS_DIR": str(folder / "results"),
+        "EFS_MOUNT_POINT": str(folder / "efs"),
         "LOCAL_SUBNET": PROJECT_SUBNET,
         "SYNTHETIC_IMAGES": "256",
         "NO_COLOR": "1",

@@ -1,18 +1,12 @@
-"""A loopback-only EC2 emulator (moto) that CLAP's AWS provider can talk to.
+"""A loopback-only EC2 emulator (moto) that our EC2 provider and scripts/aws.py talk to.
 
 Why it looks like this:
-- CLAP's provider runs Ansible's boto2 `ec2` module (start/stop) and the boto3
-  `ec2_instance_info` / `ec2_tag` modules (check/tag).  All of them take the
-  endpoint from `EC2_URL` (or `AWS_URL`, which wins), see amazon.aws 3.5.0
-  `module_utils/ec2.py:get_aws_connection_info`.
-- moto's server picks the backend (service) and the region from the SigV4
-  credential scope in the Authorization header.  boto2 derives that scope from
-  the endpoint host name: for `127.0.0.1:PORT` it signs `.../0/127/aws4_request`
-  (region "0", service "127"), and moto answers 500.  `ScopeRewriteMiddleware`
-  rewrites such a scope to `<region>/ec2` before moto sees it.  boto3 signs a
-  real scope (`us-east-1/ec2`) and is passed through untouched, so moto's
-  optional IAM signature check still works for boto3 (not for boto2, whose
-  rewritten scope no longer matches its signature).
+- Every client is boto3 (the provider, the checks, the tests), and botocore takes the
+  endpoint from AWS_ENDPOINT_URL for every service: EC2, SSM and IAM all reach the
+  one moto server. moto picks the service and region from the SigV4 scope boto3 signs.
+- moto knows no Canonical SSM parameters: the server is seeded with Canonical's
+  Ubuntu 24.04 LTS parameter (UBUNTU_LTS_PARAMETER), naming an AMI registered for it,
+  as AWS's public parameter names the current Ubuntu LTS AMI.
 - Nothing here may reach the outside: the server and every client run inside a
   fresh network namespace that has only `lo`.  The instances' "public" IPs are
   fake; never connect to them.
@@ -36,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,54 +38,46 @@ from typing import Any
 
 DEFAULT_REGION = "us-east-1"
 LOOPBACK = "127.0.0.1"
-
-# A real AWS region name (us-east-1, ap-southeast-2, us-gov-west-1...).
-_REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")
-# "Credential=AKID/20240101/<region>/<service>/aws4_request"
-_SCOPE_RE = re.compile(r"(Credential=[^/,\s]+/\d{8}/)([^/,\s]+)/([^/,\s]+)(/aws4_request)")
+# The template's default image: Canonical's public parameter, and the AMI the server gives it.
+UBUNTU_LTS_PARAMETER = "/aws/service/canonical/ubuntu/server/24.04/stable/current/amd64/hvm/ebs-gp3/ami-id"
+UBUNTU_LTS_AMI = "ami-0b2404c0ffee24040"
+CANONICAL = "099720109477"
 
 # Variables that would steer a client somewhere else than the emulator or
-# override the credentials CLAP reads from its key files (the amazon.aws
-# modules prefer AWS_ACCESS_KEY_ID over CLAP's AWS_ACCESS_KEY, AWS_URL over
-# EC2_URL, and a profile over both).  Dropped from every client environment.
+# override the credentials the project reads from its key files (a profile,
+# a proxy).  Dropped from every client environment.
 _SCRUB_PREFIXES = ("AWS_", "EC2_", "BOTO_")
 _SCRUB_NAMES = {"HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"}
 
 
 # ----------------------------------------------------------------- server side
-class ScopeRewriteMiddleware:
-    """WSGI middleware: give boto2's host-derived SigV4 scope a real region/service.
+def _seed_ubuntu_lts(region: str) -> None:
+    """Put Canonical's Ubuntu LTS parameter and its AMI into moto, as AWS has them."""
+    import datetime
 
-    Only a scope whose region is not a region name is rewritten, so requests
-    from boto3/botocore (which sign `us-east-1/ec2`, `us-east-1/iam`...) reach
-    moto unchanged.
-    """
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.ec2.models import ec2_backends
+    from moto.ec2.models.amis import Ami
+    from moto.ssm.models import Parameter, ssm_backends
 
-    def __init__(self, app: Callable[..., Any], region: str, service: str = "ec2") -> None:
-        self.app = app
-        self.region = region
-        self.service = service
-
-    def rewrite(self, auth: str) -> str:
-        match = _SCOPE_RE.search(auth)
-        if match is None or _REGION_RE.match(match.group(2)):
-            return auth
-        scope = f"{match.group(1)}{self.region}/{self.service}{match.group(4)}"
-        return auth[: match.start()] + scope + auth[match.end() :]
-
-    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
-        auth = environ.get("HTTP_AUTHORIZATION")
-        if auth:
-            environ["HTTP_AUTHORIZATION"] = self.rewrite(auth)
-        return self.app(environ, start_response)
+    ec2 = ec2_backends[DEFAULT_ACCOUNT_ID][region]
+    ec2.amis[UBUNTU_LTS_AMI] = Ami(
+        ec2, UBUNTU_LTS_AMI, name="ubuntu/images/hvm-ssd-gp3/ubuntu-noble-24.04-amd64-server-20261101",
+        owner_id=CANONICAL, public=True, architecture="x86_64", virtualization_type="hvm",
+        root_device_type="ebs", root_device_name="/dev/sda1")
+    ssm_backends[DEFAULT_ACCOUNT_ID][region]._parameters[UBUNTU_LTS_PARAMETER].append(Parameter(
+        account_id=DEFAULT_ACCOUNT_ID, name=UBUNTU_LTS_PARAMETER, value=UBUNTU_LTS_AMI, parameter_type="String",
+        description=None, allowed_pattern=None, keyid=None, last_modified_date=datetime.datetime.now(),
+        version=1, data_type="aws:ec2:image"))
 
 
 def _serve(host: str, port: int, region: str) -> None:
-    """Run moto's WSGI app behind the middleware; print `READY <port>` once listening."""
+    """Run moto's WSGI app; print `READY <port>` once listening."""
     from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
     from werkzeug.serving import make_server
 
-    app = ScopeRewriteMiddleware(DomainDispatcherApplication(create_backend_app), region)
+    app = DomainDispatcherApplication(create_backend_app)
+    _seed_ubuntu_lts(region)
     # make_server binds and listens in its constructor: connections made after
     # READY is printed queue up even before serve_forever() runs.
     server = make_server(host, port, app, threaded=True)
@@ -141,9 +127,9 @@ def _kill_pid(pid: int, grace: float = 3.0) -> None:
 
 
 def client_env(endpoint: str, region: str, workdir: Path, base: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for a client (boto2, boto3, Ansible, CLAP) that must use the emulator.
+    """Environment for a client (boto3, the steps) that must use the emulator.
 
-    No credentials are set: callers pass their own (CLAP reads its key files).
+    No credentials are set: callers pass their own (the steps read CLAP's key files).
     """
     env = {
         k: v
@@ -153,16 +139,10 @@ def client_env(endpoint: str, region: str, workdir: Path, base: dict[str, str] |
     # ansible-playbook (run by CLAP through ansible-runner) must be found on PATH.
     bindir = str(Path(sys.executable).parent)
     env["PATH"] = os.pathsep.join([bindir, env.get("PATH", "/usr/bin:/bin")])
-    boto_cfg = workdir / "boto.cfg"
-    if not boto_cfg.exists():
-        # boto2 would read /etc/boto.cfg and ~/.boto (credentials, proxy) and
-        # ask the instance metadata service for keys; this file stops both.
-        boto_cfg.write_text("[Boto]\nmetadata_service_num_attempts = 0\nmetadata_service_timeout = 0.1\n")
     env.update(
         {
-            "EC2_URL": endpoint,  # read by boto2 `ec2` and boto3 amazon.aws modules
+            "AWS_ENDPOINT_URL": endpoint,  # botocore's own: every service, every client
             "AWS_DEFAULT_REGION": region,
-            "BOTO_CONFIG": str(boto_cfg),
             # botocore: no ~/.aws profiles, no 169.254.169.254 lookups.
             "AWS_CONFIG_FILE": str(workdir / "no-aws-config"),
             "AWS_SHARED_CREDENTIALS_FILE": str(workdir / "no-aws-credentials"),
@@ -350,12 +330,9 @@ def write_clap_config(
 ) -> None:
     """A throwaway CLAP_PATH with an `aws` provider, a login and `type-<flavor>` instances.
 
-    CLAP quirks this works around: the login needs a non-empty keypair_name
-    (else every template is dropped), and `security_group` must be set (CLAP
-    renders `group: None` otherwise and the `ec2` module looks for a group
-    named "None").
+    The login needs a non-empty keypair_name: CLAP drops every template of a login without one.
     """
-    for sub in ("configs", "private", "storage", "roles"):
+    for sub in ("configs", "private", "storage", "roles/actions.d"):
         (clap_path / sub).mkdir(parents=True, exist_ok=True)
     private = clap_path / "private"
     (private / "aws_access_key.pub").write_text(access_key + "\n")

@@ -1,8 +1,8 @@
-"""CLAP's AWS provider and scripts/aws.py against a moto EC2 emulator.
+"""Our EC2 provider and scripts/aws.py against a moto EC2 emulator.
 
 Everything that talks EC2 runs inside a network namespace with only `lo`
 (see tests/ec2_emulator.py): the server and each client snippet.  Needs root
-(for the namespace) and, for the CLAP tests, `CLAP` = path of a CLAP checkout.
+(for the namespace) and, for the provider tests, `CLAP` = path of a CLAP checkout.
 The instances' public IPs are fake: nothing here connects to them, and
 `is_alive` is called with retries=0, which skips its SSH loop
 (node_manager.py:274 loops `range(retries)`).
@@ -13,7 +13,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import shutil
-import subprocess
 import sys
 import textwrap
 import time
@@ -31,8 +30,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 import aws  # noqa: E402
 from conftest import without_clap  # noqa: E402
 from ec2_emulator import (  # noqa: E402
+    UBUNTU_LTS_AMI,
+    UBUNTU_LTS_PARAMETER,
     Ec2Emulator,
-    ScopeRewriteMiddleware,
     ec2_emulator,
     netns_exists,
     write_clap_config,
@@ -63,28 +63,17 @@ needs_root = pytest.mark.skipif(_ROOT_REASON is not None, reason=_ROOT_REASON or
 
 
 def _clap_reason() -> str | None:
-    """Why CLAP's provider can't be tested here, or None."""
+    """Why CLAP can't be driven here, or None."""
     clap = os.environ.get("CLAP", "")
     if not clap:
         return "CLAP is unset: set CLAP=/path/to/a/CLAP/checkout"
-    if not (Path(clap) / "providers" / "provider_ansible_aws.py").is_file():
-        return f"CLAP={clap} is not a CLAP checkout (no providers/provider_ansible_aws.py)"
-    if shutil.which("ansible-playbook", path=str(Path(sys.executable).parent)) is None:
-        return "ansible-playbook is not installed beside this Python"
-    probe = (
-        "import os, sys, tempfile; os.environ['CLAP_PATH'] = tempfile.mkdtemp(); "
-        f"sys.path.insert(0, {clap!r}); import app.cli.modules.node, boto, "
-        "ansible_collections.amazon.aws"
-    )
-    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["?"])[-1]
-        return f"CLAP at {clap} is not importable: {last}"
+    if not (Path(clap) / "app" / "cli" / "modules" / "node.py").is_file():
+        return f"CLAP={clap} is not a CLAP checkout (no app/cli/modules/node.py)"
     return None
 
 
 # A snippet's common head: our helpers, CLAP on sys.path, an EC2 client built
-# from CLAP's own config (so session_from_clap_config and EC2_URL are exercised).
+# from CLAP's own config (so session_from_clap_config and AWS_ENDPOINT_URL are exercised).
 PRELUDE = """
 import json, os, sys
 from pathlib import Path
@@ -143,35 +132,21 @@ def clap_ok() -> None:
 # ------------------------------------------------------------------ emulator
 
 
-def test_scope_rewrite_only_touches_host_derived_scopes() -> None:
-    mw = ScopeRewriteMiddleware(lambda *_: None, "us-east-1")
-    boto2 = "AWS4-HMAC-SHA256 Credential=AKID/20260101/0/127/aws4_request,SignedHeaders=host,Signature=ab"
-    boto3 = "AWS4-HMAC-SHA256 Credential=AKID/20260101/eu-west-1/ec2/aws4_request, SignedHeaders=host, Signature=ab"
-    assert mw.rewrite(boto2) == boto2.replace("/0/127/", "/us-east-1/ec2/")
-    assert mw.rewrite(boto3) == boto3
-    assert mw.rewrite("AWS AKID:sig") == "AWS AKID:sig"
-
-
 @needs_root
-def test_emulator_accepts_boto2_and_boto3(emulator: Ec2Emulator, tmp_path: Path) -> None:
-    body = """
-    import boto
-    b2 = boto.connect_ec2_endpoint(os.environ["EC2_URL"], aws_access_key_id="AKIAB2", aws_secret_access_key="x")
-    ec2.create_key_pair(KeyName="made-by-boto3")
-    b2.create_security_group("made-by-boto2", "boto2 group")
-    out({
-        "boto2_keys": [k.name for k in b2.get_all_key_pairs()],
-        "boto3_groups": [g["GroupName"] for g in ec2.describe_security_groups()["SecurityGroups"]],
-        "boto2_region": b2.region.name,
-        "endpoint": os.environ["EC2_URL"],
-    })
+def test_emulator_serves_every_client_and_canonicals_ubuntu_lts(emulator: Ec2Emulator, tmp_path: Path) -> None:
+    body = f"""
+    session = aws.session_from_clap_config(CLAP_PATH, "aws-emu")
+    ami = aws.resolve_image(session, "resolve:ssm:{UBUNTU_LTS_PARAMETER}")
+    image = aws.find_image(ec2, ami)
+    out({{"ami": ami, "root": image["RootDeviceName"], "owner": image["OwnerId"],
+          "unknown": aws.find_image(ec2, "ami-0000000000000dead"), "endpoint": ec2.meta.endpoint_url,
+          "ssm": aws.client(session, "ssm").meta.endpoint_url}})
     """
     write_clap_config(tmp_path, access_key=ACCESS_KEY, secret_key=SECRET_KEY)
     res = run_snippet(emulator, tmp_path, body)
-    # Both clients land in the same (us-east-1) backend of moto.
-    assert "made-by-boto3" in res["boto2_keys"]
-    assert "made-by-boto2" in res["boto3_groups"]
-    assert res["endpoint"].startswith("http://127.0.0.1:")
+    assert res["ami"] == UBUNTU_LTS_AMI and res["root"] == "/dev/sda1" and res["owner"] == "099720109477"
+    assert res["unknown"] is None
+    assert res["endpoint"] == res["ssm"] == emulator.endpoint and emulator.endpoint.startswith("http://127.0.0.1:")
 
 
 @needs_root
@@ -186,112 +161,96 @@ def test_emulator_teardown_kills_server_and_deletes_netns() -> None:
         os.kill(pid, 0)
 
 
-# ------------------------------------------------------------------ CLAP provider
+# ------------------------------------------------------------------ our provider, inside CLAP
+
+
+PROVIDER_PRELUDE = """
+import cluster, config, output
+from app.cli.modules.node import get_config_db
+settings = config.load_settings({"ENV_FILE": os.devnull, "CLAP_PATH": str(CLAP_PATH), "PROVIDER": "aws",
+                                 "INSTANCE_TYPE": "type-t2.medium", "KEYPAIR_NAME": "clap-emu-key",
+                                 "NODES_FILE": str(CLAP_PATH / "nodes.json"), "CLAP": os.environ["CLAP"]})
+state = {"cluster_id": "c-provider", "created": __import__("time").time()}
+nm = cluster.clap(settings, state).node_manager
+info = cluster.instance_info(settings, get_config_db())
+"""
 
 
 @needs_root
-def test_clap_start_tag_check_stop(clap_ok: None, emulator: Ec2Emulator, clap_path: Path) -> None:
-    body = """
-    from app.cli.modules.node import get_config_db, get_node_manager
-    nm = get_node_manager()
-    info = get_config_db().instance_descriptors["type-t2.medium"]
-    ids = nm.start_node(info, count=2)
-    cloud = [n.cloud_instance_id for n in nm.get_nodes_by_id(ids)]
-    aws.tag_instances(ec2, cloud, "proj-a", "cluster-1")
-    after_start = ec2.describe_instances(InstanceIds=cloud)
+def test_provider_starts_watches_and_stops_through_clap(clap_ok: None, emulator: Ec2Emulator, clap_path: Path) -> None:
+    body = PROVIDER_PRELUDE + textwrap.dedent("""
+    ids = nm.start_node(info, count=3)
+    nodes = nm.get_nodes_by_id(ids)
+    cloud = [n.cloud_instance_id for n in nodes]
+    ec2.stop_instances(InstanceIds=cloud[1:2])  # someone stopped one in the console
+    node = nodes[2]
+    node.cloud_instance_id = "i-0123456789abcdef0"  # an instance EC2 has forgotten
+    nm.upsert_node(node)
+    checked = {n.node_id: n.status for n in nm.providers["aws"].update_instance_info(nm.get_nodes_by_id(ids))}
     alive = nm.is_alive(ids, retries=0)  # provider check only: retries=0 never runs SSH
-    checked = {n.node_id: [n.status, n.extra["instance_tags"]] for n in nm.get_nodes_by_id(ids)}
+    tags = {i: aws.tags_of(inst) for i, inst in aws.describe(ec2, cloud[:2]).items()}
     stopped = nm.stop_nodes(ids)
-    out({
-        "ids": ids, "cloud": cloud, "alive": alive, "checked": checked, "stopped": stopped,
-        "instances": [i for r in after_start["Reservations"] for i in r["Instances"]],
-        "after_stop": live(cloud), "records": len(nm.get_all_nodes()),
-    })
-    """
+    after = live(cloud)
+    aws.terminate_and_wait(ec2, cloud[2:], timeout=30)  # the instance the record no longer names
+    out({"ids": ids, "cloud": cloud, "checked": checked, "alive": alive, "tags": tags, "stopped": stopped,
+         "ips": [n.ip for n in nodes[:2]], "after": after, "records": len(nm.get_all_nodes()),
+         "owner": (CLAP_PATH / ".owner").read_text().strip()})
+    """)
     res = run_snippet(emulator, clap_path, body, timeout=240)
-    assert len(res["ids"]) == 2 and len(set(res["cloud"])) == 2
-    for inst in res["instances"]:
-        tags = {t["Key"]: t["Value"] for t in inst["Tags"]}
-        assert inst["State"]["Name"] == "running" and inst["InstanceType"] == "t2.medium"
-        assert tags["CreatedWith"] == "CLAP" and tags["Name"]  # CLAP's own tags
-        assert tags[aws.TAG_PROJECT] == "proj-a" and tags[aws.TAG_CLUSTER] == "cluster-1"
-    # is_alive(retries=0) refreshed the records from EC2 (status, tags) and
-    # reports False for all: "alive" means "answered SSH", which it never tried.
-    assert res["alive"] == {i: False for i in res["ids"]}
-    for status, tags in res["checked"].values():
-        assert status == "started" and tags[aws.TAG_PROJECT] == "proj-a"
-    assert sorted(res["stopped"]) == sorted(res["ids"])
-    assert set(res["after_stop"].values()) == {"terminated"}
-    assert res["records"] == 0
+    ids, cloud = res["ids"], res["cloud"]
+    assert len(ids) == 3 and len(set(cloud)) == 3 and all(res["ips"])
+    for tags in res["tags"].values():
+        assert tags == {aws.TAG_PROJECT: "dcgan-clap", aws.TAG_CLUSTER: "c-provider", aws.TAG_OWNER: res["owner"],
+                        "Name": "dcgan-clap-c-provider"}
+    assert [res["checked"][i] for i in ids] == ["started", "paused", "stopped"]
+    # "alive" means "answered SSH", which retries=0 never tries: the point is no error on the forgotten one
+    assert res["alive"] == dict.fromkeys(ids, False)
+    assert sorted(res["stopped"]) == sorted(ids) and res["records"] == 0
+    assert [res["after"][c] for c in cloud] == ["terminated", "terminated", "running"]
 
 
 @needs_root
-def test_orphan_sweep_finds_instance_without_clap_record(clap_ok: None, emulator: Ec2Emulator, clap_path: Path) -> None:
-    body = """
-    from app.cli.modules.node import get_config_db, get_node_manager
-    nm = get_node_manager()
-    ids = nm.start_node(get_config_db().instance_descriptors["type-t2.medium"], count=1)
-    cloud = [n.cloud_instance_id for n in nm.get_nodes_by_id(ids)]
-    aws.tag_instances(ec2, cloud, "proj-orphan", "cluster-9")
-    nm.node_repository.remove_nodes(ids)  # CLAP forgets it: an orphan
-    records = [n.node_id for n in nm.get_all_nodes()]
-    found = [i["InstanceId"] for i in aws.find_cluster_instances(ec2, "proj-orphan", "cluster-9")]
-    other = aws.find_cluster_instances(ec2, "proj-orphan", "cluster-other")
-    # Launched with the key pair, AMI and type but never tagged (what a timed-out start leaves).
-    launch = aws.Launch("clap-emu-key", "ami-12c6146b", "t2.micro", since=time.time())
-    untagged = ec2.run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1,
-                                 InstanceType="t2.micro", KeyName="clap-emu-key")["Instances"][0]["InstanceId"]
-    by_launch = [i["InstanceId"] for i in aws.find_untagged_launches(ec2, launch)]
-    aws.terminate_and_wait(ec2, found + by_launch, timeout=30)
-    out({"ids": ids, "cloud": cloud, "records": records, "found": found, "other": len(other),
-         "untagged": untagged, "by_launch": by_launch, "after": live(cloud + [untagged]),
-         "left": len(aws.find_cluster_instances(ec2, "proj-orphan") + aws.find_untagged_launches(ec2, launch))})
-    """
-    res = run_snippet(emulator, clap_path, "import time\n" + textwrap.dedent(body), timeout=240)
-    assert res["ids"][0] not in res["records"]
-    assert res["found"] == res["cloud"]
-    assert res["other"] == 0
-    assert res["by_launch"] == [res["untagged"]]  # CLAP's instance is tagged (CreatedWith), and ours
-    assert set(res["after"].values()) == {"terminated"}
-    assert res["left"] == 0
+def test_a_start_that_ends_before_running_is_one_sentence(clap_ok: None, emulator: Ec2Emulator,
+                                                         clap_path: Path) -> None:
+    """A spot request EC2 cannot fill, a capacity shortage: the instance ends instead of running."""
+    body = PROVIDER_PRELUDE + textwrap.dedent("""
+    real_wait = aws.wait_running
+    def ended_first(client, ids, timeout):
+        client.terminate_instances(InstanceIds=list(ids))
+        return real_wait(client, ids, timeout)
+    aws.wait_running = ended_first
+    try:
+        nm.start_node(info, count=1)
+        out("started")
+    except output.UserError as error:
+        out(str(error))
+    """)
+    message = run_snippet(emulator, clap_path, body, timeout=240)
+    assert message.startswith("the instances did not all reach `running` (waited up to 600 s): i-"), message
+    assert " terminated" in message and message.endswith("`make down` terminates them.") and "\n" not in message
 
 
 @needs_root
-def test_clap_provider_subclass_tags_at_launch(clap_ok: None, emulator: Ec2Emulator, clap_path: Path) -> None:
-    """Alternative to tagging after start: our tags ride in the start playbook itself,
-    so they are set by the same `ec2` call as CLAP's CreatedWith (no untagged window
-    beyond the module's own wait). Only `_run_template`'s signature is relied on."""
+def test_instances_are_found_by_owner_and_cluster(emulator: Ec2Emulator, clap_path: Path) -> None:
     body = """
-    import yaml
-    from app.cli.modules.node import get_config_db, get_node_manager
-    from providers.provider_ansible_aws import AnsibleAWSProvider
-
-    class TaggingAWSProvider(AnsibleAWSProvider):
-        def __init__(self, private_dir, extra_tags, verbosity=0):
-            super().__init__(private_dir, verbosity)
-            self.extra_tags = extra_tags
-
-        def _run_template(self, output_filename, rendered_template, envvars=None, quiet=False):
-            if output_filename == "start_instances.yml":
-                play = yaml.safe_load(rendered_template)
-                play[0]["tasks"][0]["ec2"]["instance_tags"].update(self.extra_tags)
-                rendered_template = yaml.safe_dump(play, sort_keys=False)
-            return super()._run_template(output_filename, rendered_template, envvars, quiet)
-
-    nm = get_node_manager()
-    tags = {aws.TAG_PROJECT: "proj-sub", aws.TAG_CLUSTER: "cluster-2"}
-    nm.providers["aws"] = TaggingAWSProvider(str(CLAP_PATH / "private"), tags)
-    ids = nm.start_node(get_config_db().instance_descriptors["type-t2.medium"], count=1)
-    node = nm.get_nodes_by_id(ids)[0]
-    found = [i["InstanceId"] for i in aws.find_cluster_instances(ec2, "proj-sub", "cluster-2")]
-    nm.stop_nodes(ids)
-    out({"cloud": node.cloud_instance_id, "record_tags": node.extra["instance_tags"], "found": found,
-         "after": live([node.cloud_instance_id])})
+    def start(owner, cluster):
+        tags = [{"Key": aws.TAG_PROJECT, "Value": "proj-find"}, {"Key": aws.TAG_OWNER, "Value": owner},
+                {"Key": aws.TAG_CLUSTER, "Value": cluster}]
+        started = ec2.run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1, InstanceType="t3.micro",
+                                    TagSpecifications=[{"ResourceType": "instance", "Tags": tags}])
+        return started["Instances"][0]["InstanceId"]
+    mine, mine_too, theirs = start("o-me", "c-1"), start("o-me", "c-2"), start("o-them", "c-1")
+    def found(**tags):
+        return sorted(i["InstanceId"] for i in aws.find_cluster_instances(ec2, "proj-find", **tags))
+    res = {"all": found(), "mine": found(owner="o-me"), "c1": found(owner="o-me", cluster_id="c-1"),
+           "expected": [sorted([mine, mine_too, theirs]), sorted([mine, mine_too]), [mine]]}
+    aws.terminate_and_wait(ec2, [mine, mine_too, theirs], timeout=30)
+    res["left"] = found()
+    out(res)
     """
-    res = run_snippet(emulator, clap_path, body, timeout=240)
-    assert res["found"] == [res["cloud"]]
-    assert res["record_tags"][aws.TAG_PROJECT] == "proj-sub" and res["record_tags"]["CreatedWith"] == "CLAP"
-    assert set(res["after"].values()) == {"terminated"}
+    res = run_snippet(emulator, clap_path, body)
+    assert [res["all"], res["mine"], res["c1"]] == res["expected"]
+    assert res["left"] == []
 
 
 # ------------------------------------------------------------------ scripts/aws.py
@@ -314,25 +273,24 @@ def test_terminate_and_wait_tolerates_unknown_and_terminated(emulator: Ec2Emulat
 
 
 @needs_root
-def test_security_group_intra_group_rule(emulator: Ec2Emulator, clap_path: Path) -> None:
+def test_security_group_open_to_its_members(emulator: Ec2Emulator, clap_path: Path) -> None:
     body = """
     gid = ec2.create_security_group(GroupName="intra", Description="x")["GroupId"]
     ec2.authorize_security_group_ingress(GroupId=gid, IpPermissions=[
         {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}])
-    before = aws.security_group_allows_intra_group_tcp(ec2, "intra")
+    before = aws.groups_closed_to_members(ec2, "intra")
     ec2.authorize_security_group_ingress(GroupId=gid, IpPermissions=[
         {"IpProtocol": "tcp", "FromPort": 0, "ToPort": 65535, "UserIdGroupPairs": [{"GroupId": gid}]}])
-    after = aws.security_group_allows_intra_group_tcp(ec2, "intra")
-    out([before, after, aws.security_group_allows_intra_group_tcp(ec2, "no-such-group")])
+    after = aws.groups_closed_to_members(ec2, "intra")
+    out([before == [gid], after, aws.groups_closed_to_members(ec2, "no-such-group")])
     """
-    assert run_snippet(emulator, clap_path, body) == [False, True, None]
+    assert run_snippet(emulator, clap_path, body) == [True, [], None]
 
 
 @needs_root
 def test_check_credentials(tmp_path: Path) -> None:
     """moto accepts any key unless IAM auth is on; turn it on (moto-api/reset-auth) in a
-    private emulator so a wrong key is really refused. boto3 only: with auth on, moto
-    also checks signatures, and boto2's rewritten scope would not match its own."""
+    private emulator so a wrong key is really refused."""
     write_clap_config(tmp_path, access_key=ACCESS_KEY, secret_key=SECRET_KEY)
     body = """
     import urllib.request
@@ -344,15 +302,15 @@ def test_check_credentials(tmp_path: Path) -> None:
             return str(e)
     def client(key_id, secret):
         import boto3
-        return boto3.client("ec2", endpoint_url=os.environ["EC2_URL"], region_name="us-east-1",
+        return boto3.client("ec2", region_name="us-east-1",
                             aws_access_key_id=key_id, aws_secret_access_key=secret)
     def reset_auth(count):
         # text/plain: with urllib's default form type Flask hides the body from moto
-        req = urllib.request.Request(os.environ["EC2_URL"] + "/moto-api/reset-auth", data=count.encode(),
+        req = urllib.request.Request(os.environ["AWS_ENDPOINT_URL"] + "/moto-api/reset-auth", data=count.encode(),
                                      headers={"Content-Type": "text/plain"})
         urllib.request.urlopen(req, timeout=5).read()
     res = {"any_key": msg(lambda: aws.check_credentials(ec2))}
-    iam = aws.session_from_clap_config(CLAP_PATH, "aws-emu").client("iam", endpoint_url=os.environ["EC2_URL"])
+    iam = aws.session_from_clap_config(CLAP_PATH, "aws-emu").client("iam")
     for user, policy in (("ok", "ec2:*"), ("noperm", "s3:ListBucket")):
         iam.create_user(UserName=user)
         iam.put_user_policy(UserName=user, PolicyName="p", PolicyDocument=json.dumps(
@@ -403,14 +361,6 @@ def test_session_from_clap_config_errors(tmp_path: Path) -> None:
     assert SECRET_KEY not in str(err.value)
 
 
-def test_endpoint_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("AWS_URL", raising=False)
-    monkeypatch.setenv("EC2_URL", "http://127.0.0.1:1")
-    assert aws.endpoint_url() == "http://127.0.0.1:1"
-    monkeypatch.setenv("AWS_URL", "http://127.0.0.1:2")  # wins, as in the amazon.aws modules
-    assert aws.endpoint_url() == "http://127.0.0.1:2"
-
-
 def test_hourly_cost() -> None:
     assert aws.hourly_cost("t2.medium", "us-east-1", 2) == pytest.approx(0.0928)
     assert aws.hourly_cost("t3.large", "us-east-1", 0) == 0
@@ -423,21 +373,9 @@ def test_hourly_cost() -> None:
 # ------------------------------------------------------------------ the rules of a real account
 
 
-def test_launched_by_matches_only_what_the_launch_asked_for() -> None:
-    launch = aws.Launch("key-a", "ami-1", "t2.medium", since=1_000_000.0)
-    cut_short = {"KeyName": "key-a", "ImageId": "ami-1", "InstanceType": "t2.medium", "LaunchTime": 1_000_010.0}
-    assert aws.launched_by(cut_short, launch)
-    assert aws.launched_by({**cut_short, "LaunchTime": 1_000_000.0 - aws.LAUNCH_CLOCK_SLACK_S}, launch)
-    for other in ({"KeyName": "key-b"}, {"ImageId": "ami-2"}, {"InstanceType": "t2.small"},
-                  {"LaunchTime": 1_000_000.0 - aws.LAUNCH_CLOCK_SLACK_S - 1},  # before this `up` began
-                  {"Tags": [{"Key": aws.TAG_PROJECT, "Value": "dcgan-clap"}]}):  # tagged: the tag sweep's
-        assert not aws.launched_by({**cut_short, **other}, launch), other
-
-
 def test_an_ec2_refusal_becomes_one_sentence() -> None:
     from botocore.exceptions import ClientError
 
-    import aws_nodes
     import output
 
     error = ClientError({"Error": {"Code": "UnauthorizedOperation",
@@ -445,9 +383,32 @@ def test_an_ec2_refusal_becomes_one_sentence() -> None:
     assert aws.refusal(error) == ("EC2 CreateTags was refused (UnauthorizedOperation: You are not authorized. "
                                   "Encoded message: abc): grant your IAM user ec2:CreateTags (an admin of the "
                                   "account can)")
-    with pytest.raises(output.UserError) as raised, aws_nodes.aws_errors("the nodes are recorded"):
+    with pytest.raises(output.UserError) as raised, aws.aws_errors("the nodes are recorded"):
         raise error
     assert str(raised.value).endswith("(an admin of the account can); the nodes are recorded.")
+
+
+class StuckEc2:
+    """EC2 as terminate_and_wait sees it, with an instance that never gets past shutting-down."""
+
+    def __init__(self) -> None:
+        self.terminated: list[str] = []
+
+    def get_paginator(self, operation: str) -> Any:
+        instance = {"InstanceId": "i-0123456789abcdef0", "State": {"Name": "shutting-down"}}
+        return type("Pages", (), {"paginate": lambda _, **kw: [{"Reservations": [{"Instances": [instance]}]}]})()
+
+    def terminate_instances(self, InstanceIds: list[str]) -> None:  # noqa: N803  boto3's own keyword
+        self.terminated += InstanceIds
+
+
+def test_a_termination_past_its_deadline_is_one_sentence() -> None:
+    import output
+
+    with pytest.raises(output.UserError) as raised, aws.aws_errors("run `make down` again"):
+        aws.terminate_and_wait(StuckEc2(), ["i-0123456789abcdef0"], timeout=1)
+    assert str(raised.value) == ("instances not terminated after 1 s: i-0123456789abcdef0 (shutting-down); "
+                                 "run `make down` again.")
 
 
 class FakeNodes:
@@ -466,8 +427,7 @@ class FakeNodes:
         self.now += seconds
 
 
-def test_aws_up_waits_for_a_slow_boot_and_each_answer_caps_the_lifetime(
-        project: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_aws_up_waits_for_a_slow_boot(project: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     import aws_nodes
     import cluster
     import config
@@ -478,10 +438,10 @@ def test_aws_up_waits_for_a_slow_boot_and_each_answer_caps_the_lifetime(
     monkeypatch.setattr(aws_nodes.time, "monotonic", lambda: nodes.now)
     monkeypatch.setattr(aws_nodes.time, "sleep", nodes.sleep)
     handles = cluster.Clap(None, nodes, None)
-    state = {"created": time.time() - 30 * 60 + 30}  # `up` began 29.5 min ago: 90 of MAX_HOURS=2 left
+    state = {"created": time.time()}
 
     assert aws_nodes.wait_for_ssh(settings, handles, state, ["fast", "slow"]) == []
-    assert nodes.calls[0] == (["fast", "slow"], {"retries": 1, "test_command": "sudo -n shutdown -h +90"})
+    assert nodes.calls[0] == (["fast", "slow"], {"retries": 1})
     assert all(ids == ["slow"] for ids, _ in nodes.calls[1:])  # a node that answered is not asked again
 
     nodes.now, nodes.calls = 0.0, []
@@ -494,15 +454,34 @@ def test_aws_up_waits_for_a_slow_boot_and_each_answer_caps_the_lifetime(
     assert nodes.calls == [(["never"], {"retries": 3, "wait_timeout": 5})]
 
 
-def test_setup_and_up_agree_on_the_lifetime_cap(project: dict) -> None:
+def test_an_exception_of_clap_during_the_ssh_wait_is_one_sentence(project: dict) -> None:
     import aws_nodes
+    import cluster
+    import config
+    import output
+
+    class Broken:
+        def is_alive(self, ids: list[str], **options: Any) -> dict[str, bool]:
+            raise EOFError("Error reading SSH protocol banner")
+
+    settings = config.load_settings({**project, "PROVIDER": "aws"})
+    with pytest.raises(output.UserError, match=r"^CLAP failed while waiting for the nodes to answer SSH \(Error "
+                                               r"reading SSH protocol banner\): they are recorded; `make down` "
+                                               r"stops them\.$"):
+        aws_nodes.wait_for_ssh(settings, cluster.Clap(None, Broken(), None), {"created": time.time()}, ["a"])
+
+
+def test_setup_and_the_user_data_agree_on_the_lifetime_cap(project: dict) -> None:
+    import aws_launch
     import config
     import role
 
     settings = config.load_settings({**project, "PROVIDER": "aws", "MAX_HOURS": "3"})
-    state = {"created": time.time() - 60 * 60 + 30, "nodes": []}
+    state = {"cluster_id": "c-1", "created": time.time() - 60 * 60 + 30, "nodes": []}
+    launch = aws_launch.launch_for(settings, state, "o-" + "0" * 16)
     assert role.role_vars(settings, state, "setup")["shutdown_after_minutes"] == 120
-    assert aws_nodes.lifetime_command(aws_nodes.lifetime_minutes(settings, state)) == "sudo -n shutdown -h +120"
+    assert round((launch.ends_at - time.time()) / 60) == 120
+    assert f"{int(launch.ends_at)} - $(date +%s)" in aws_launch.user_data(launch.ends_at)
 
 
 def test_env_example_offers_the_efs_mount_target_address() -> None:

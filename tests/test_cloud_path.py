@@ -187,7 +187,8 @@ def test_down_leaves_no_namespace_mount_container_tree_or_rule(vm: dict) -> None
     assert str(local) not in Path("/proc/mounts").read_text()  # the nodes' disks
     assert not [path.name for path in local.iterdir() if subnet_tag(THIRD) in path.name]  # nodes, stand-in, proxy
     assert (local / "efs-export" / "dcgan").is_dir()  # the stand-in's files outlive it, as an EFS does
-    cgroups = subprocess.run(["find", "/sys/fs/cgroup", "-maxdepth", "4", "-name", "dcgan-node-*"],
+    # only this module's nodes: another session's cluster on this machine has its own
+    cgroups = subprocess.run(["find", "/sys/fs/cgroup", "-maxdepth", "4", "-name", f"dcgan-node-{subnet_tag(THIRD)}-*"],
                              capture_output=True, text=True).stdout
     assert cgroups == ""
     rules = subprocess.run(["iptables", "-S", "FORWARD"], capture_output=True, text=True).stdout

@@ -54,6 +54,10 @@ BAD_SETTINGS = [
     ({"STALL_TIMEOUT": "abc"}, "STALL_TIMEOUT='abc' is not a whole number: set it like STALL_TIMEOUT=300."),
     ({"STALL_TIMEOUT": "-1"}, "STALL_TIMEOUT=-1 must be at least 0: set it like STALL_TIMEOUT=300."),
     ({"STALL_TIMEOUT": "5"}, "STALL_TIMEOUT=5 is shorter than the progress report interval (10 s)"),
+    ({"MARKET": "auction"}, "MARKET='auction' is unknown: use MARKET=on-demand or MARKET=spot."),
+    ({"SPOT_MAX_PRICE": "cheap"}, "SPOT_MAX_PRICE='cheap' must be US dollars per hour above 0: set it like "
+                                  "SPOT_MAX_PRICE=0.05"),
+    ({"SPOT_MAX_PRICE": "0"}, "SPOT_MAX_PRICE='0' must be US dollars per hour above 0"),
 ]
 
 
@@ -342,3 +346,34 @@ def test_a_run_going_on_fewer_nodes_is_re_attached_on_its_own_ranks(project: dic
     assert done.returncode == 0, done.stderr
     assert "on rank 0: node 00000000" in done.stdout and "on rank 1:" not in done.stdout
     assert '"run_id": "run-1"' in done.stdout and "--nnodes 1 --node_rank 0" in done.stdout
+
+
+def test_torch_for_the_local_demo_comes_on_first_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    """`make deps` leaves torch out; the local path installs requirements-local.txt when it is missing,
+    and says what to do when pip cannot (here: a wheel that is not there, so no network is asked)."""
+    import checks
+
+    assert "torch" not in (ROOT / "requirements.txt").read_text()
+    checks.install_demo_torch(tmp_path / "never-read.txt")  # torch is here: pip is not even started
+    assert capsys.readouterr().out == ""
+    monkeypatch.setattr(checks.importlib.util, "find_spec", lambda name: None)
+    requirements = tmp_path / "requirements-local.txt"
+    requirements.write_text(f"torch @ file://{tmp_path}/torch-2.13.0-cp311-cp311-linux_x86_64.whl\n")
+    with pytest.raises(output.UserError) as refused:
+        checks.install_demo_torch(requirements)
+    assert "installing torch for the local demo, once (requirements-local.txt)" in capsys.readouterr().out
+    assert str(refused.value).startswith("pip could not install torch for the local demo (ERROR: ")
+    assert "PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu" in str(refused.value)
+    assert "\n" not in str(refused.value)
+
+
+def test_the_cloud_like_nodes_get_the_cpu_torch_of_requirements_local(tmp_path: Path) -> None:
+    """The nodes' image installs the wheels setup fetches: the pin whose marker holds on Linux x86_64."""
+    import local_efs
+
+    assert local_efs.node_torch_pin(ROOT / "requirements-local.txt") == "torch==2.13.0+cpu"
+    mac_only = tmp_path / "requirements-local.txt"
+    mac_only.write_text('torch==2.13.0; sys_platform == "darwin"\n')
+    with pytest.raises(output.UserError, match=r"pins no torch for Linux x86_64: pin one there"):
+        local_efs.node_torch_pin(mac_only)

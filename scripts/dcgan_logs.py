@@ -88,6 +88,7 @@ class IterationRecord:
     d_g_z1: float
     d_g_z2: float
     iteration_time: float
+    line: int = -1  # its index among the log's lines: a clock of the log (predict.py) says when it came
 
 
 @dataclass
@@ -103,6 +104,8 @@ class RankLog:
     # Highest epoch announced by "Rank: R, Epoch: E, Training ...", which comes
     # before that epoch's first iteration line.
     epoch_started: int | None = None
+    # Index among the log's lines of each epoch's "Rank: R, Epoch: E, Training ..." line.
+    epoch_start_lines: dict[int, int] = field(default_factory=dict)
     # Start-up milestone reached before training ("launched", "initialised",
     # "dataset loaded"), to say what a rank that has not started is waiting on.
     phase: str = "no output"
@@ -262,7 +265,7 @@ def parse_log(text: str) -> RankLog:
             values = [float(match.group(i)) for i in range(6, 12)]
             log.num_epochs = num_epochs
             log.iterations_per_epoch = ipe
-            log.iterations.append(IterationRecord(epoch, iteration, *values))
+            log.iterations.append(IterationRecord(epoch, iteration, *values, line=index))
             log.phase = "training"
             continue
 
@@ -280,6 +283,7 @@ def parse_log(text: str) -> RankLog:
                 log.rank = rank
                 epoch = int(match.group(2))
                 log.epoch_started = max(epoch, log.epoch_started or 0)
+                log.epoch_start_lines[epoch] = index
                 if log.phase != "training":
                     log.phase = "epoch started"
             continue

@@ -9,6 +9,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from config import Settings
 from output import UserError
@@ -34,14 +35,18 @@ def read_state(settings: Settings) -> dict | None:
 
 
 def write_state(settings: Settings, state: dict | None) -> None:
-    """Replace nodes.json atomically (a crash leaves the old or the new file, never half)."""
-    path = settings.nodes_file
+    """Replace nodes.json atomically."""
     if state is None:
-        path.unlink(missing_ok=True)
+        settings.nodes_file.unlink(missing_ok=True)
         return
+    write_json(settings.nodes_file, state)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Replace a JSON file atomically (a crash leaves the old or the new file, never half)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as out:
-        json.dump(state, out, indent=2)
+        json.dump(data, out, indent=2)
         out.flush()
         os.fsync(out.fileno())
     os.replace(tmp, path)

@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
                 result = role.play(settings, handles, ranks, "run", run["id"])
                 if result.ret_code == role.PLAYBOOK_CANCELED:
                     raise KeyboardInterrupt
-                progress.finish()
+                # The ranks of a sample that ended well were stopped: their logs end in the stop's traceback.
+                progress.finish(report=not (result.ok and run.get("sample_iterations")))
                 if not result.ok:
                     stop_watching_if_only_contact_is_lost(handles, result, run)
                 # A sample that ended well is a sample, not a whole run.

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import statistics
+import time
 from pathlib import Path
 
 import checks
@@ -205,24 +206,29 @@ def run_point(settings: config.Settings, typed: config.Settings, kind: str, size
     """up (grow), setup, then the parts the point still needs on ranks 0..size-1, each fetched: the
     point's record. A failed sample skips the full run (it would fail alike, and it is redone later)."""
     os.environ.update({"INSTANCE_TYPE": kind, "NODES": str(size)})
+    started = time.monotonic()
     for step in (up, setup):
         if step.main([]) != 0:
             raise UserError(f"`make {step.__name__}` failed for {size} {kind} nodes: fix it, then `make sweep`.")
+    cluster = {"setup_seconds": time.monotonic() - started}  # growing to this size: a sampled or full sweep alike
     state = cluster_state.read_state(settings)
     state["sweep"] = {"point": number, "of": points, "type": kind, "size": size}
     cluster_state.write_state(settings, state)
     before = before or {}
     parts = parts_to_run(settings, before)
-    full = {name: value for name, value in before.items() if name not in ("type", "size", "sample")}
+    full = {name: value for name, value in before.items()
+            if name not in ("type", "size", "sample", "setup_seconds", "hourly_usd")}
     sample = before.get("sample")
     hourly = aws_nodes.hourly_cost(typed, size) if settings.provider == "aws" else None
+    if hourly is not None:
+        cluster["hourly_usd"] = hourly
     if "sample" in parts:
         sample, whole = sample_run(settings, size, hourly)
         if whole is not None:  # the sample was the whole run: nothing left to run in full
             full, parts = whole, []
     if "full" in parts and (sample is None or sample["state"] == "done"):
         full = full_run(settings, size, hourly)
-    return {"type": kind, "size": size, **full, **({"sample": sample} if sample else {})}
+    return {"type": kind, "size": size, **cluster, **full, **({"sample": sample} if sample else {})}
 
 
 def sample_run(settings: config.Settings, size: int, hourly: float | None) -> tuple[dict, dict | None]:
@@ -259,6 +265,7 @@ def fetched_run(settings: config.Settings, size: int, sample_iterations: int) ->
     """One run on ranks 0..size-1 (a sample of that many iterations, or the whole run), with its
     logs' clock, fetched as `make results` does: its record, done or failed, and its nodes.json entry."""
     outcome = {"state": "done"}
+    started = time.monotonic()
     try:
         status = run.main(["--nodes", str(size), "--clock"]
                           + (["--sample", str(sample_iterations)] if sample_iterations else []))
@@ -278,6 +285,7 @@ def fetched_run(settings: config.Settings, size: int, sample_iterations: int) ->
         fetched = False
     if not fetched:
         outcome.update(state="failed", reason=outcome.get("reason") or f"run {last['id']} was not fetched")
+    outcome["seconds"] = time.monotonic() - started  # what the run added to the sweep: itself and its fetch
     return outcome, last
 
 

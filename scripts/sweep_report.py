@@ -158,16 +158,26 @@ def validation(record: dict) -> str:
     lines += ["", f"Wall time: median absolute error {stats['median_abs']:.1%}, largest {stats['largest_abs']:.1%} "
                   f"({worst['type']}/{worst['size']}); {stats['inside']} of {stats['of']} measured runs inside their "
                   f"interval."]
-    samples = sum(p["sample"]["wall_seconds"] for p, _ in pairs)
-    full = sum(p["wall_seconds"] for p, _ in pairs)
-    cost = ""
-    if all(p.get("cost_usd") is not None and p["sample"].get("sample_cost_usd") is not None for p, _ in pairs):
-        cost = (f", ${sum(p['sample']['sample_cost_usd'] for p, _ in pairs):.4f} against "
-                f"${sum(p['cost_usd'] for p, _ in pairs):.4f}")
-    lines += ["", f"The samples' own cost: their runs took {samples:.1f} s against {full:.1f} s for the same points' "
-                  f"full runs ({samples / full:.0%}){cost}. Both sweeps start, set up, fetch and stop alike; that "
-                  f"is not counted here."]
+    lines += ["", own_cost([p for p, _ in pairs])]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def own_cost(points: list[dict]) -> str:
+    """What the samples cost against the full runs of the same points: the runs alone, and as whole
+    sweeps (each point's growth and setup, its run and fetch; the final `make down` left out); on AWS
+    in dollars too, at each point's hourly price."""
+    runs = [sum(p["sample"]["wall_seconds"] for p in points), sum(p["wall_seconds"] for p in points)]
+    sweeps = [sum(p.get("setup_seconds", 0) + p["sample"].get("seconds", 0) for p in points),
+              sum(p.get("setup_seconds", 0) + p.get("seconds", 0) for p in points)]
+    text = (f"The samples' own cost: their runs took {runs[0]:.1f} s against {runs[1]:.1f} s for the same points' "
+            f"full runs ({runs[0] / runs[1]:.0%}); as whole sweeps (each point's nodes started and set up, its "
+            f"run and fetch) {sweeps[0]:.1f} s against {sweeps[1]:.1f} s ({sweeps[0] / sweeps[1]:.0%})")
+    if all("hourly_usd" in p for p in points):
+        dollars = [sum(p["hourly_usd"] * (p.get("setup_seconds", 0) + p["sample"].get("seconds", 0)) for p in points)
+                   / 3600, sum(p["hourly_usd"] * (p.get("setup_seconds", 0) + p.get("seconds", 0)) for p in points)
+                   / 3600]
+        text += f", ${dollars[0]:.4f} against ${dollars[1]:.4f} on AWS"
+    return text + "."
 
 
 def figures(record: dict) -> list[dict]:

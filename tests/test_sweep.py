@@ -300,11 +300,12 @@ def sampled_point(kind: str, size: int, wall: float, high: float, cost: float | 
                   "wall_low_s": wall * 0.9, "wall_high_s": high}
     if cost is not None:
         prediction.update(cost_usd=cost, cost_low_usd=cost * 0.9, cost_high_usd=cost * high / wall)
-    point = {"type": kind, "size": size, "sample": {"state": "done", "run_id": f"run-s{size}", "wall_seconds": 9.0,
-                                                    "timing": {"step": 0.1}, "prediction": prediction}}
+    point = {"type": kind, "size": size, "setup_seconds": 5.0,
+             "sample": {"state": "done", "run_id": f"run-s{size}", "wall_seconds": 9.0, "seconds": 12.0,
+                        "timing": {"step": 0.1}, "prediction": prediction}}
     if measured is not None:
-        point.update(state="done", run_id=f"run-f{size}", wall_seconds=measured, epoch_s=measured / 3,
-                     timing={"first": 5.5, "step": 0.11, "end": 1.2})
+        point.update(state="done", run_id=f"run-f{size}", wall_seconds=measured, seconds=measured + 3,
+                     epoch_s=measured / 3, timing={"first": 5.5, "step": 0.11, "end": 1.2})
     return point
 
 
@@ -367,6 +368,7 @@ def test_sweep_md_keeps_predicted_and_measured_apart_and_scores_the_prediction(t
     assert "- type-local/4: the sample failed: `make run` ended with status 1" in predicted
     assert "| type-local | 2 | 60.0 | 54.0-70.0 | 75.0 | -20.0% | NO | 5.0 / 5.5 | 0.100 / 0.110 |" in text
     assert "median absolute error 15.0%, largest 20.0% (type-local/2); 1 of 2 measured runs inside" in text
-    assert "their runs took 18.0 s against 175.0 s for the same points' full runs (10%)" in text
+    assert ("their runs took 18.0 s against 175.0 s for the same points' full runs (10%); as whole sweeps (each "
+            "point's nodes started and set up, its run and fetch) 34.0 s against 191.0 s (18%).") in text
     assert text.rstrip().endswith("held to the top of the interval).")  # the pick: the last line
     assert (tmp_path / "sweep.png").stat().st_size > 10_000

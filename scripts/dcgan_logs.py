@@ -311,20 +311,27 @@ def parse_log(text: str) -> RankLog:
 _OUTPUT_RE = re.compile(r"^output-(\d+)\.txt$")
 
 
+def run_texts(folder: Path) -> dict[int, str]:
+    """The text of every ``output-<rank>.txt`` in ``folder``, keyed by the file's rank; its line ends as
+    written (a "\r" is not made a "\n": the parser splits at both, a log's clock counts the "\n"s)."""
+    texts = {}
+    for path in Path(folder).glob("output-*.txt"):
+        match = _OUTPUT_RE.match(path.name)
+        if match is not None:
+            texts[int(match.group(1))] = path.read_bytes().decode("utf-8", errors="replace")
+    return dict(sorted(texts.items()))
+
+
 def parse_run_folder(folder: Path) -> dict[int, RankLog]:
     """Parse every ``output-<rank>.txt`` in ``folder``, keyed by the file's rank."""
     logs: dict[int, RankLog] = {}
-    for path in sorted(Path(folder).glob("output-*.txt")):
-        match = _OUTPUT_RE.match(path.name)
-        if match is None:
-            continue
-        rank = int(match.group(1))
-        log = parse_log(path.read_text(encoding="utf-8", errors="replace"))
+    for rank, text in run_texts(folder).items():
+        log = parse_log(text)
         if log.rank is None:
             # Nothing in the file says its rank yet: the orchestrator's name does.
             log.rank = rank
         logs[rank] = log
-    return dict(sorted(logs.items()))
+    return logs
 
 
 def format_duration(seconds: float) -> str:

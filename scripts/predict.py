@@ -73,32 +73,40 @@ class Timing:
     steps: int  # steady steps it measured
 
 
-@dataclass
 class _Rank:
-    log: dcgan_logs.RankLog
-    marks: list[list[float]]  # [time, complete lines of the log by then], as the watchdog noted them
-    exited: float  # when its watchdog wrote its outcome: its processes had ended
+    """One rank's parsed log and the clock of its lines."""
+
+    def __init__(self, rank: int, text: str, marks: list[list[float]], exited: float) -> None:
+        self.log = dcgan_logs.parse_log(text)
+        self.log.rank = rank if self.log.rank is None else self.log.rank
+        self.times = [time for time, _ in marks]
+        self.counts = [count for _, count in marks]  # the watchdog counts "\n"s: complete lines by then
+        self.exited = exited  # when its watchdog wrote its outcome: its processes had ended
+        # The parser splits lines as str.splitlines does (at "\r" too): the "\n"s by the end of each.
+        self.newlines, seen = [], 0
+        for line in text.splitlines(keepends=True):
+            seen += line.count("\n")
+            self.newlines.append(seen if line.endswith("\n") else seen + 1)
 
     def arrival(self, line: int) -> float:
-        """When line (0-based) of the log arrived."""
-        counts = [count for _, count in self.marks]
-        found = bisect.bisect_right(counts, line)
-        if found == len(self.marks):
+        """When line (0-based, as the parser counts) of the log had arrived whole."""
+        found = bisect.bisect_left(self.counts, self.newlines[line])
+        if found == len(self.counts):
             raise NoTiming(f"the clock of rank {self.log.rank} ends before line {line + 1} of its log")
-        return self.marks[found][0]
+        return self.times[found]
 
 
 def read_ranks(folder: Path) -> dict[int, _Rank]:
     """Every rank's parsed log with its clock."""
     ranks = {}
-    for rank, log in dcgan_logs.parse_run_folder(folder).items():
+    for rank, text in dcgan_logs.run_texts(folder).items():
         try:
             marks = json.loads((folder / f".rank-{rank}.clock").read_text())["lines"]
             exited = json.loads((folder / f".rank-{rank}.exit").read_text())["finished"]
         except (OSError, ValueError, KeyError):
             raise NoTiming(f"{folder.name} has no clock or no outcome for rank {rank} (.rank-{rank}.clock, "
                            f".rank-{rank}.exit)") from None
-        ranks[rank] = _Rank(log, marks, exited)
+        ranks[rank] = _Rank(rank, text, marks, exited)
     if not ranks:
         raise NoTiming(f"{folder.name} has no output-*.txt")
     return ranks

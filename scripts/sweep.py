@@ -240,7 +240,8 @@ def sample_run(settings: config.Settings, size: int, hourly: float | None) -> tu
     if outcome["state"] != "done":
         return outcome, None
     folder = settings.results_dir / last["id"]
-    if all(log.finished for log in dcgan_logs.parse_run_folder(folder).values()):
+    logs = dcgan_logs.parse_run_folder(folder)
+    if logs and all(log.finished for log in logs.values()):
         output.say(f"the sample of run {last['id']} was its whole run: measured, nothing to predict")
         return {**outcome, "whole_run": True}, {**outcome, **measured(folder, last, hourly)}
     try:

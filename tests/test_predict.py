@@ -32,8 +32,9 @@ def simulate(folder: Path, *, epochs: int = 2, per_epoch: int = 150, first: floa
     folder.mkdir(parents=True, exist_ok=True)
     last = STARTED
     for rank in range(ranks):
-        lines, times = [f"Namespace(num_epochs={epochs}, batch_size=32)", f"Rank: {rank}. World Size: {ranks}"], \
-            [STARTED + 3.0, STARTED + 4.0]
+        # A progress bar redrawn with "\r" is one line for the watchdog's clock, two for the parser.
+        lines, times = [f"Namespace(num_epochs={epochs}, batch_size=32)", "  0%|    | 0/2\r100%|####| 2/2",
+                        f"Rank: {rank}. World Size: {ranks}"], [STARTED + 3.0, STARTED + 3.5, STARTED + 4.0]
         now = STARTED + first - step - loader  # the first epoch's `Training` line
         count = 0
         for epoch in range(epochs):

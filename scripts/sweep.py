@@ -278,7 +278,8 @@ def fetched_run(settings: config.Settings, size: int, sample_iterations: int) ->
         output.warn(str(error))
         outcome.update(state="failed", reason=str(error))
     last = cluster_state.read_state(settings)["runs"][-1]
-    outcome.update(run_id=last["id"], wall_seconds=last.get("finished", 0) - last["started"])
+    outcome.update(run_id=last["id"], wall_seconds=last.get("finished", 0) - last["started"],
+                   started=last["started"], finished=last.get("finished"))  # its logs' clock is read against them
     try:  # a sample's report would only show its ranks stopped: sweep.md says what it shows
         fetched = results.main(["--run-id", last["id"], *(["--no-report"] if sample_iterations else [])]) == 0
     except UserError as error:  # recorded like a failed run: the other points still run

@@ -28,7 +28,7 @@ def write(settings: config.Settings, folder: Path, record: dict, burstable: list
     text = table(record["plan"], rows, " ".join(notes)) + predicted_table(record["plan"], predicted) \
         + validation(record) + (f"\n{pick['line']}\n" if pick else "")
     (folder / "sweep.md").write_text(text)
-    plot(rows, " ".join(notes), folder / "sweep.png", predicted, pick)
+    plot(rows, "\n".join(notes), folder / "sweep.png", predicted, pick)
 
 
 def burstable_note(kinds: list[str]) -> str:
@@ -306,7 +306,7 @@ def plot(rows: list[dict], note: str, path: Path, predicted: list[dict] | None =
         if axes.get_legend_handles_labels()[0]:
             axes.legend(fontsize=8)
     if note:
-        figure.suptitle(note, fontsize=9, wrap=True)
-    figure.tight_layout()
+        figure.suptitle(note, fontsize=9)
+    figure.tight_layout(rect=(0, 0, 1, 1 - 0.05 * (note.count("\n") + 1)) if note else None)
     figure.savefig(path, dpi=90)
     plt.close(figure)

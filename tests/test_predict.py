@@ -4,6 +4,7 @@ to a known timeline here, and real ones of this machine (tests/data/clocked/).""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -161,3 +162,34 @@ def test_errors_median_largest_and_inside() -> None:
     assert stats["errors"] == pytest.approx([0.10, -0.05, -1 / 6])
     assert stats["median_abs"] == pytest.approx(0.10) and stats["largest_abs"] == pytest.approx(1 / 6)
     assert (stats["inside"], stats["of"]) == (2, 3)  # 120 is above 100 * 1.1
+
+
+def clocked(name: str) -> tuple[Path, dict]:
+    folder = DATA / "clocked" / name
+    return folder, json.loads((folder / "run.json").read_text())
+
+
+def test_the_terms_account_for_the_whole_of_a_real_run() -> None:
+    """On a real full run of this machine (tests/data/clocked/full), its own terms add up to its wall
+    time: the model leaves nothing out (the step is a mean over its steady iterations; the epoch
+    boundary and the saves are what the loader and save terms say)."""
+    folder, run = clocked("full")
+    terms = predict.timing(folder, run)
+    epochs = dcgan_logs.parse_run_folder(folder)[0].num_epochs
+    per_epoch = terms.iterations_per_epoch
+    training = (epochs * per_epoch - 1) * terms.step + (epochs - 1) * terms.loader \
+        + epochs * math.ceil(per_epoch / predict.SAVE_EVERY) * terms.save
+    assert terms.first + training + terms.end == pytest.approx(run["finished"] - run["started"], rel=0.01)
+
+
+def test_a_real_sample_predicts_its_full_run_inside_its_interval() -> None:
+    """The sample and the full run of one point of a VALIDATE sweep here (4 nodes, demo app; see
+    tests/data/clocked/README.md): the same iterations per epoch, the pace within 10 %, and the
+    measured wall time inside the predicted interval."""
+    sample_folder, sample_run = clocked("sample")
+    full_folder, full_run = clocked("full")
+    sample, full = predict.timing(sample_folder, sample_run), predict.timing(full_folder, full_run)
+    assert sample.iterations_per_epoch == full.iterations_per_epoch == 32
+    assert sample.step == pytest.approx(full.step, rel=0.10)
+    prediction = predict.predict(sample, epochs=2)
+    assert prediction["wall_low_s"] <= full_run["finished"] - full_run["started"] <= prediction["wall_high_s"]

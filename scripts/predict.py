@@ -28,7 +28,8 @@ the same way, which is how VALIDATE=1 checks each term):
   and unloads torch while the app dies at once. A full run's app exits by itself: it frees the
   process group and unloads torch too, before torchrun's exit barrier across nodes and its own
   exit. So the prediction counts the sample's exit twice (once for torchrun, once for the app):
-  measured here, a full run's exit took 1.9 to 3.1 times a sample's.
+  over 9 points measured here, a full run's exit took 1.1 to 4.0 times its sample's (median 2.6;
+  a few seconds either way, on 2 loaded cores).
 
 The interval is the run at the pace of the sample's faster iterations (the 10th percentile of its
 steady steps) to its slower ones (the 90th): on a shared or throttled machine the pace changes

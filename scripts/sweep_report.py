@@ -166,16 +166,17 @@ def own_cost(points: list[dict]) -> str:
     """What the samples cost against the full runs of the same points: the runs alone, and as whole
     sweeps (each point's growth and setup, its run and fetch; the final `make down` left out); on AWS
     in dollars too, at each point's hourly price."""
-    runs = [sum(p["sample"]["wall_seconds"] for p in points), sum(p["wall_seconds"] for p in points)]
-    sweeps = [sum(p.get("setup_seconds", 0) + p["sample"].get("seconds", 0) for p in points),
-              sum(p.get("setup_seconds", 0) + p.get("seconds", 0) for p in points)]
+    samples = [p["sample"] for p in points]
+    runs = [sum(sample["wall_seconds"] for sample in samples), sum(p["wall_seconds"] for p in points)]
+    sweeps = [[p.get("setup_seconds", 0) + part.get("seconds", 0) for p, part in zip(points, parts, strict=True)]
+              for parts in (samples, points)]  # per point, for the samples and for the full runs
     text = (f"The samples' own cost: their runs took {runs[0]:.1f} s against {runs[1]:.1f} s for the same points' "
             f"full runs ({runs[0] / runs[1]:.0%}); as whole sweeps (each point's nodes started and set up, its "
-            f"run and fetch) {sweeps[0]:.1f} s against {sweeps[1]:.1f} s ({sweeps[0] / sweeps[1]:.0%})")
+            f"run and fetch) {sum(sweeps[0]):.1f} s against {sum(sweeps[1]):.1f} s "
+            f"({sum(sweeps[0]) / sum(sweeps[1]):.0%})")
     if all("hourly_usd" in p for p in points):
-        dollars = [sum(p["hourly_usd"] * (p.get("setup_seconds", 0) + p["sample"].get("seconds", 0)) for p in points)
-                   / 3600, sum(p["hourly_usd"] * (p.get("setup_seconds", 0) + p.get("seconds", 0)) for p in points)
-                   / 3600]
+        dollars = [sum(p["hourly_usd"] * seconds for p, seconds in zip(points, each, strict=True)) / 3600
+                   for each in sweeps]
         text += f", ${dollars[0]:.4f} against ${dollars[1]:.4f} on AWS"
     return text + "."
 

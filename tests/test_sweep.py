@@ -372,3 +372,6 @@ def test_sweep_md_keeps_predicted_and_measured_apart_and_scores_the_prediction(t
             "point's nodes started and set up, its run and fetch) 34.0 s against 191.0 s (18%).") in text
     assert text.rstrip().endswith("held to the top of the interval).")  # the pick: the last line
     assert (tmp_path / "sweep.png").stat().st_size > 10_000
+    for point in record["points"].values():  # on AWS each point has its hourly price
+        point["hourly_usd"] = 0.0464
+    assert "34.0 s against 191.0 s (18%), $0.0004 against $0.0025 on AWS." in sweep_report.validation(record)

@@ -19,7 +19,7 @@ from output import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 PROGRESS_EVERY_S = 10  # seconds between two progress reports of a run
-SAMPLE_AT_LEAST = 5  # a sweep's sample: fewer iterations show no spread to draw an interval from
+SAMPLE_AT_LEAST = 8  # a sweep's sample: 3 warm-up iterations (predict.py), then 5 steps for a pace and a spread
 
 CLOUD_LIKE = {  # as on AWS: the app and data on the (stand-in) EFS, the app in Docker
     "RUNNER": "docker",
@@ -192,7 +192,8 @@ def _sample_iterations(raw: dict[str, str]) -> int:
     iterations = _whole(raw, "SAMPLE_ITERATIONS", 0, "20")
     if 0 < iterations < SAMPLE_AT_LEAST:
         raise UserError(f"SAMPLE_ITERATIONS={iterations} must be at least {SAMPLE_AT_LEAST} (or 0, no sample): "
-                        f"fewer steps show no spread to draw an interval from; set it like SAMPLE_ITERATIONS=20.")
+                        f"past the 3 slower first ones, fewer steps show no pace or spread; "
+                        f"set it like SAMPLE_ITERATIONS=20.")
     return iterations
 
 

@@ -37,8 +37,8 @@ def make(env: dict, *targets: str, **settings: str) -> subprocess.CompletedProce
     ({"SIZES": "1,3", "SSH_HOSTS": "10.0.0.1,10.0.0.2"}, "SIZES asks for 3 nodes but SSH_HOSTS lists 2"),
     ({"SAMPLE_ITERATIONS": "many"}, "SAMPLE_ITERATIONS='many' is not a whole number: set it like "
                                     "SAMPLE_ITERATIONS=20."),
-    ({"SAMPLE_ITERATIONS": "3"}, "SAMPLE_ITERATIONS=3 must be at least 5 (or 0, no sample): fewer steps show no "
-                                 "spread to draw an interval from; set it like SAMPLE_ITERATIONS=20."),
+    ({"SAMPLE_ITERATIONS": "7"}, "SAMPLE_ITERATIONS=7 must be at least 8 (or 0, no sample): past the 3 slower "
+                                 "first ones, fewer steps show no pace or spread; set it like SAMPLE_ITERATIONS=20."),
     ({"VALIDATE": "1"}, "VALIDATE=1 compares each point's prediction with its full run: set SAMPLE_ITERATIONS too, "
                         "like SAMPLE_ITERATIONS=20."),
     ({"DEADLINE": "0"}, "DEADLINE='0' must be a number of minutes above 0: set it like DEADLINE=30."),
@@ -310,7 +310,8 @@ def sampled_point(kind: str, size: int, wall: float, high: float, cost: float | 
 
 
 def settings_with(**values: str) -> object:
-    
+    import config
+
     return config.load_settings({"ENV_FILE": os.devnull, **values})
 
 

@@ -24,14 +24,14 @@ import statistics
 import time
 from pathlib import Path
 
-import checks
 import aws_nodes
+import checks
 import clap_configs
 import cluster_state
 import config
-import output
 import dcgan_logs
 import down
+import output
 import predict
 import results
 import run
@@ -58,8 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = sweep_plan(settings)
     folder = settings.results_dir / f"sweep-{sweep_id(plan)}"
     record = read_record(folder, plan)
-    todo = [(kind, size) for kind in settings.instance_types for size in settings.sizes
-            if parts_to_run(settings, point(record, kind, size))]
+    todo = points_to_run(settings, record)
     ceiling = cost_ceiling(settings, per_type, record, todo)
     burstable = [kind for kind, flavor in flavors.items() if BURSTABLE.match(flavor)] \
         if settings.sample_iterations else []
@@ -76,9 +75,22 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"{settings.nodes_file.name} lists a cluster of {len(state['nodes'])} nodes: "
                             f"`make down` first (the sweep starts its own nodes).")
         checks.preflight(settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    with cluster_state.exclusive_file(folder / "sweep.json", "sweep"):
+        record = read_record(folder, plan)  # again, under the lock: a sweep that just ended may have written it
+        return sweep(settings, per_type, folder, record, points_to_run(settings, record), burstable)
+
+
+def points_to_run(settings: config.Settings, record: dict) -> list[tuple[str, int]]:
+    return [(kind, size) for kind in settings.instance_types for size in settings.sizes
+            if parts_to_run(settings, point(record, kind, size))]
+
+
+def sweep(settings: config.Settings, per_type: dict, folder: Path, record: dict, todo: list[tuple[str, int]],
+          burstable: list[str]) -> int:
+    """Run the points still to do, one after the other, recording each; then `make down` and the report."""
     if burstable:
         output.warn(sweep_report.burstable_note(burstable))
-    folder.mkdir(parents=True, exist_ok=True)
     for number, (kind, size) in enumerate(todo, start=1):
         if number > 1 and todo[number - 2][0] != kind and down.main([]) != 0:
             raise UserError("`make down` failed between two instance types: run `make down`, then `make sweep`.")
@@ -94,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
                + (f", failed: {', '.join(failed)}; `make sweep` again redoes them." if failed else "."))
     if burstable:
         output.warn(sweep_report.burstable_note(burstable))
+    scored = sweep_report.error_line(record)
+    if scored:
+        output.say(scored)
     pick = sweep_report.recommendation(settings, record)
     if pick:
         output.say(pick["line"])
@@ -267,6 +282,9 @@ def fetched_run(settings: config.Settings, size: int, sample_iterations: int) ->
     logs' clock, fetched as `make results` does: its record, done or failed, and its nodes.json entry."""
     outcome = {"state": "done"}
     started = time.monotonic()
+    # The nodes share this machine: its load at the run's start and end says how steady the pace could be.
+    here = settings.provider == "local" and not settings.ssh_hosts
+    load = [round(os.getloadavg()[0], 2)] if here else []
     try:
         status = run.main(["--nodes", str(size), "--clock"]
                           + (["--sample", str(sample_iterations)] if sample_iterations else []))
@@ -278,6 +296,8 @@ def fetched_run(settings: config.Settings, size: int, sample_iterations: int) ->
         output.warn(str(error))
         outcome.update(state="failed", reason=str(error))
     last = cluster_state.read_state(settings)["runs"][-1]
+    if here:
+        outcome["load"] = [*load, round(os.getloadavg()[0], 2)]
     outcome.update(run_id=last["id"], wall_seconds=last.get("finished", 0) - last["started"],
                    started=last["started"], finished=last.get("finished"))  # its logs' clock is read against them
     try:  # a sample's report would only show its ranks stopped: sweep.md says what it shows

@@ -141,7 +141,8 @@ def validation(record: dict) -> str:
              "Each term as the full run's own clock shows it (predicted / measured); the error is the wall "
              "time's, (predicted - measured) / measured.", "",
              "| type | nodes | wall s predicted | interval s | measured | error | inside | first iteration s "
-             "| s per iteration | epoch s | end s |", "|---|---:|---:|---|---:|---:|---|---|---|---|---|"]
+             "| s per iteration | epoch s | end s | load sample / full |",
+             "|---|---:|---:|---|---:|---:|---|---|---|---|---|---|"]
     for p, predicted in pairs:
         measured, timing = p["wall_seconds"], p.get("timing", {})
         sampled = p["sample"]["timing"]
@@ -152,14 +153,30 @@ def validation(record: dict) -> str:
                      f"{predicted['first_iteration_s']:.1f} / {_num(timing.get('first'), '.1f')} | "
                      f"{sampled['step']:.3f} / {_num(timing.get('step'), '.3f')} | "
                      f"{predicted['epoch_s']:.2f} / {_num(p.get('epoch_s'), '.2f')} | "
-                     f"{predicted['end_s']:.1f} / {_num(timing.get('end'), '.1f')} |")
+                     f"{predicted['end_s']:.1f} / {_num(timing.get('end'), '.1f')} | "
+                     f"{_span(*_ends(p['sample'].get('load')), '.1f')} / {_span(*_ends(p.get('load')), '.1f')} |")
+    lines += ["", error_line(record), "", own_cost([p for p, _ in pairs])]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _ends(load: list[float] | None) -> tuple[float | None, float | None]:
+    return (min(load), max(load)) if load else (None, None)
+
+
+def error_line(record: dict) -> str:
+    """The prediction's score over the points both predicted and measured, with this machine's load
+    meanwhile (local nodes share its cores); empty when there are none."""
+    pairs = compared(record)
+    if not pairs:
+        return ""
     stats = predict.errors([(predicted, p["wall_seconds"]) for p, predicted in pairs])
     worst = max(zip(stats["errors"], pairs, strict=True), key=lambda pair: abs(pair[0]))[1][0]
-    lines += ["", f"Wall time: median absolute error {stats['median_abs']:.1%}, largest {stats['largest_abs']:.1%} "
-                  f"({worst['type']}/{worst['size']}); {stats['inside']} of {stats['of']} measured runs inside their "
-                  f"interval."]
-    lines += ["", own_cost([p for p, _ in pairs])]
-    return "\n".join(lines).rstrip() + "\n"
+    loads = [value for p, _ in pairs for run in (p, p["sample"]) for value in run.get("load", [])]
+    return (f"Predicted wall time against measured: median absolute error {stats['median_abs']:.1%}, largest "
+            f"{stats['largest_abs']:.1%} ({worst['type']}/{worst['size']}); {stats['inside']} of {stats['of']} "
+            f"measured runs inside their interval"
+            + (f"; this machine's load average (1 min) {min(loads):.1f}-{max(loads):.1f} at the runs' starts and ends"
+               if loads else "") + ".")
 
 
 def own_cost(points: list[dict]) -> str:

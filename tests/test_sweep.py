@@ -271,7 +271,9 @@ def test_a_sampled_sweep_records_a_failed_sample_predicts_validates_and_resumes(
     assert "[iteration: 12/16]" in log and "Epoch 0 took" not in log
     table = (folder / "sweep.md").read_text()
     assert "## Measured: full runs" in table and "## Predicted from a sample of 12 iterations past the first" in table
-    assert "## Predicted against measured" in table and "Wall time: median absolute error " in table
+    assert "## Predicted against measured" in table
+    score = "Predicted wall time against measured: median absolute error "
+    assert score in table and score in again.stdout and "this machine's load average (1 min) " in again.stdout
     assert "The samples' own cost: their runs took " in table
 
     fetched = sorted(p.name for p in Path(env["RESULTS_DIR"]).iterdir())
@@ -313,6 +315,20 @@ def settings_with(**values: str) -> object:
     import config
 
     return config.load_settings({"ENV_FILE": os.devnull, **values})
+
+
+def test_a_second_sweep_on_the_same_record_refuses_naming_the_first(tmp_path: Path) -> None:
+    import cluster_state
+    import output
+
+    first = cluster_state.exclusive_file(tmp_path / "sweep.json", "sweep")
+    second = cluster_state.exclusive_file(tmp_path / "sweep.json", "sweep")
+    with first, pytest.raises(output.UserError) as refused, second:
+        pass
+    assert str(refused.value) == (f"`make sweep` (PID {os.getpid()}) is using sweep.json: wait for it to end (or stop "
+                                  f"it), then run `make sweep` again.")
+    with cluster_state.exclusive_file(tmp_path / "sweep.json", "sweep"):  # free again once the first ended
+        pass
 
 
 def test_a_deadline_picks_the_fewest_node_hours_locally_and_a_budget_the_fastest() -> None:
@@ -360,6 +376,8 @@ def test_sweep_md_keeps_predicted_and_measured_apart_and_scores_the_prediction(t
         "type-local/2": sampled_point("type-local", 2, 60.0, 70.0, measured=75.0),
         "type-local/4": {"type": "type-local", "size": 4,
                          "sample": {"state": "failed", "reason": "`make run` ended with status 1"}}}}
+    record["points"]["type-local/1"]["sample"]["load"] = [2.0, 2.5]  # this machine's load at the runs' ends
+    record["points"]["type-local/1"]["load"] = [2.5, 7.5]
     settings = settings_with(DEADLINE="2")
     sweep_report.write(settings, tmp_path, record, burstable=[])
     text = (tmp_path / "sweep.md").read_text()
@@ -368,7 +386,11 @@ def test_sweep_md_keeps_predicted_and_measured_apart_and_scores_the_prediction(t
     assert "| type-local | 1 | done | run-s1 | 9.0 | - | 5.0 | 0.100 | 36.67 | 1.00 | 110.0 | 99.0-120.0 |" in predicted
     assert "- type-local/4: the sample failed: `make run` ended with status 1" in predicted
     assert "| type-local | 2 | 60.0 | 54.0-70.0 | 75.0 | -20.0% | NO | 5.0 / 5.5 | 0.100 / 0.110 |" in text
-    assert "median absolute error 15.0%, largest 20.0% (type-local/2); 1 of 2 measured runs inside" in text
+    assert "| 2.0-2.5 / 2.5-7.5 |" in text and "| - / - |" in text  # the load, where it was recorded
+    line = ("Predicted wall time against measured: median absolute error 15.0%, largest 20.0% (type-local/2); "
+            "1 of 2 measured runs inside their interval; this machine's load average (1 min) 2.0-7.5 at the runs' "
+            "starts and ends.")
+    assert line in text and sweep_report.error_line(record) == line  # make sweep prints it last but the pick
     assert ("their runs took 18.0 s against 175.0 s for the same points' full runs (10%); as whole sweeps (each "
             "point's nodes started and set up, its run and fetch) 34.0 s against 191.0 s (18%).") in text
     assert text.rstrip().endswith("held to the top of the interval).")  # the pick: the last line

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                                                         if args.sample else "")
                        + f"{settings.epochs} epochs on {len(ranks['nodes'])} nodes")
         handles = cluster.clap(settings, state)
-        progress = Progress(settings, ranks, run["id"], handles, args.every)
+        progress = Progress(settings, ranks, run["id"], handles, args.every, run.get("sample_iterations", 0))
         try:
             with cluster_state.recording(settings, state, "run"):
                 progress.start()
@@ -116,9 +116,10 @@ class Progress(threading.Thread):
     """Reports every rank's progress from its log while the playbook waits."""
 
     def __init__(self, settings: config.Settings, state: dict, run_id: str, handles: cluster.Clap,
-                 every: float) -> None:
+                 every: float, sample: int = 0) -> None:
         super().__init__(daemon=True)
         self.settings, self.state, self.every = settings, state, every
+        self.sample = sample  # a sample's ranks are stopped once done: their logs end in the stop's traceback
         self.logs = run_logs.RunLogs(settings, state, run_id, handles)
         self.stopped = threading.Event()
         self.sizes: dict[int, tuple[int, float]] = {}  # rank -> (log size, when it last grew)
@@ -149,6 +150,9 @@ class Progress(threading.Thread):
                 self.sizes[rank] = (len(text), now)
             log = dcgan_logs.parse_log(text)
             log.rank = rank if log.rank is None else log.rank
+            if self.sample and log.status == dcgan_logs.STATUS_FAILED and len(log.iterations) > self.sample:
+                lines.append(f"rank {rank}  sampled: stopped after {len(log.iterations) - 1} iterations past its first")
+                continue
             lines.append(dcgan_logs.progress_line(log, now, self.sizes[rank][1], color=sys.stdout.isatty(),
                                                   stall_bound=self.settings.stall_timeout or None))
         shown = "\n           ".join(lines)

@@ -5,6 +5,7 @@ that print the app's iteration lines; no namespace, no torch."""
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -98,7 +99,8 @@ def test_the_clock_notes_each_line_when_it_comes_and_wakes_for_nothing_else(tmp_
     assert marks[-1][1] == len(lines) == 2 + 12
     iterations = [t for t, count in marks if count > 2]
     gaps = [after - before for before, after in zip(iterations, iterations[1:], strict=False)]
-    assert all(0.25 < gap < 0.4 for gap in gaps), gaps
+    # Each line noted when it came: the app's pace, to a wake-up's delay (under 0.15 s on a loaded machine).
+    assert 0.28 < statistics.median(gaps) < 0.32 and all(0.15 < gap < 0.45 for gap in gaps), gaps
 
 
 def test_without_a_clock_or_a_sample_the_watchdog_keeps_no_clock(tmp_path: Path) -> None:

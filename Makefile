@@ -57,7 +57,7 @@ report: $(STAMP) ## summary.json, summary.md and report.png of a fetched run (RU
 	$(PY) scripts/report.py $(RUN)
 
 .PHONY: sweep
-sweep: $(STAMP) ## one run per size of SIZES (and type of INSTANCE_TYPES) into RESULTS_DIR/sweep-<id>/, then down
+sweep: $(STAMP) ## one run per size of SIZES (and type of INSTANCE_TYPES) into RESULTS_DIR/sweep-<id>/, then down (SAMPLE_ITERATIONS=K: predicted from a sample)
 	$(PY) scripts/sweep.py
 
 ##@ Development

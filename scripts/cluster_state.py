@@ -8,7 +8,8 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
 
 from config import Settings
 from output import UserError
@@ -34,23 +35,32 @@ def read_state(settings: Settings) -> dict | None:
 
 
 def write_state(settings: Settings, state: dict | None) -> None:
-    """Replace nodes.json atomically (a crash leaves the old or the new file, never half)."""
-    path = settings.nodes_file
+    """Replace nodes.json atomically."""
     if state is None:
-        path.unlink(missing_ok=True)
+        settings.nodes_file.unlink(missing_ok=True)
         return
+    write_json(settings.nodes_file, state)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Replace a JSON file atomically (a crash leaves the old or the new file, never half)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as out:
-        json.dump(state, out, indent=2)
+        json.dump(data, out, indent=2)
         out.flush()
         os.fsync(out.fileno())
     os.replace(tmp, path)
 
 
-@contextmanager
-def exclusive(settings: Settings, step: str) -> Iterator[None]:
+def exclusive(settings: Settings, step: str) -> AbstractContextManager[None]:
     """One step at a time on a nodes.json: a second command refuses, naming the first."""
-    lock_path = settings.nodes_file.with_name(f".{settings.nodes_file.name}.lock")
+    return exclusive_file(settings.nodes_file, step)
+
+
+@contextmanager
+def exclusive_file(path: Path, step: str) -> Iterator[None]:
+    """One command at a time on the state file path (a lock beside it): a second refuses, naming the first."""
+    lock_path = path.with_name(f".{path.name}.lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a+") as lock:
         try:
@@ -58,7 +68,7 @@ def exclusive(settings: Settings, step: str) -> Iterator[None]:
         except BlockingIOError:
             lock.seek(0)
             holder = lock.read().strip() or "another command"
-            raise UserError(f"{holder} is using {settings.nodes_file.name}: wait for it to end "
+            raise UserError(f"{holder} is using {path.name}: wait for it to end "
                             f"(or stop it), then run `make {step}` again.") from None
         lock.seek(0)
         lock.truncate()

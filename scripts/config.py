@@ -19,6 +19,7 @@ from output import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 PROGRESS_EVERY_S = 10  # seconds between two progress reports of a run
+SAMPLE_AT_LEAST = 8  # a sweep's sample: 3 warm-up iterations (predict.py), then 5 steps for a pace and a spread
 
 CLOUD_LIKE = {  # as on AWS: the app and data on the (stand-in) EFS, the app in Docker
     "RUNNER": "docker",
@@ -96,6 +97,10 @@ class Settings:
     sizes: list[int]
     instance_types: list[str]
     max_sweep_cost: float
+    sample_iterations: int  # 0: every sweep point runs in full
+    validate: bool
+    deadline_minutes: float | None
+    budget_usd: float | None
     user_set: frozenset[str] = field(default_factory=frozenset)  # the names the user set
     cloud_like: bool = False  # local nodes of the vm flavor: a whole OS each, an EFS stand-in, Docker
 
@@ -182,14 +187,43 @@ def _sizes(value: str) -> list[int]:
     return sorted(set(sizes))
 
 
-def _dollars(value: str) -> float:
+def _dollars(name: str, value: str, example: str) -> float:
     try:
         dollars = float(value)
     except ValueError:
         dollars = -1
     if not 0 <= dollars < float("inf"):
-        raise UserError(f"MAX_SWEEP_COST={value!r} must be a number of US dollars: set it like MAX_SWEEP_COST=5.")
+        raise UserError(f"{name}={value!r} must be a number of US dollars: set it like {name}={example}.")
     return dollars
+
+
+def _minutes(value: str) -> float:
+    try:
+        minutes = float(value)
+    except ValueError:
+        minutes = -1
+    if not 0 < minutes < float("inf"):
+        raise UserError(f"DEADLINE={value!r} must be a number of minutes above 0: set it like DEADLINE=30.")
+    return minutes
+
+
+def _sample_iterations(raw: dict[str, str]) -> int:
+    if not raw["SAMPLE_ITERATIONS"].strip():
+        return 0
+    iterations = _whole(raw, "SAMPLE_ITERATIONS", 0, "20")
+    if 0 < iterations < SAMPLE_AT_LEAST:
+        raise UserError(f"SAMPLE_ITERATIONS={iterations} must be at least {SAMPLE_AT_LEAST} (or 0, no sample): "
+                        f"past the 3 slower first ones, fewer steps show no pace or spread; "
+                        f"set it like SAMPLE_ITERATIONS=20.")
+    return iterations
+
+
+def _validate(raw: dict[str, str]) -> bool:
+    validate = raw["VALIDATE"].strip() not in ("", "0")
+    if validate and not _sample_iterations(raw):
+        raise UserError("VALIDATE=1 compares each point's prediction with its full run: set SAMPLE_ITERATIONS too, "
+                        "like SAMPLE_ITERATIONS=20.")
+    return validate
 
 
 def load_settings(environ: dict[str, str] | None = None) -> Settings:
@@ -260,7 +294,11 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         verbose=raw["VERBOSE"].strip() not in ("", "0"),
         sizes=_sizes(raw["SIZES"]),
         instance_types=[t.strip() for t in raw["INSTANCE_TYPES"].split(",") if t.strip()] or [raw["INSTANCE_TYPE"]],
-        max_sweep_cost=_dollars(raw["MAX_SWEEP_COST"]),
+        max_sweep_cost=_dollars("MAX_SWEEP_COST", raw["MAX_SWEEP_COST"], "5"),
+        sample_iterations=_sample_iterations(raw),
+        validate=_validate(raw),
+        deadline_minutes=_minutes(raw["DEADLINE"]) if raw["DEADLINE"].strip() else None,
+        budget_usd=_dollars("BUDGET", raw["BUDGET"], "2") if raw["BUDGET"].strip() else None,
         user_set=user_set,
         cloud_like=cloud_like,
     )

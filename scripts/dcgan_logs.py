@@ -88,6 +88,7 @@ class IterationRecord:
     d_g_z1: float
     d_g_z2: float
     iteration_time: float
+    line: int = -1  # its index among the log's lines: a clock of the log (predict.py) says when it came
 
 
 @dataclass
@@ -103,6 +104,8 @@ class RankLog:
     # Highest epoch announced by "Rank: R, Epoch: E, Training ...", which comes
     # before that epoch's first iteration line.
     epoch_started: int | None = None
+    # Index among the log's lines of each epoch's "Rank: R, Epoch: E, Training ..." line.
+    epoch_start_lines: dict[int, int] = field(default_factory=dict)
     # Start-up milestone reached before training ("launched", "initialised",
     # "dataset loaded"), to say what a rank that has not started is waiting on.
     phase: str = "no output"
@@ -262,7 +265,7 @@ def parse_log(text: str) -> RankLog:
             values = [float(match.group(i)) for i in range(6, 12)]
             log.num_epochs = num_epochs
             log.iterations_per_epoch = ipe
-            log.iterations.append(IterationRecord(epoch, iteration, *values))
+            log.iterations.append(IterationRecord(epoch, iteration, *values, line=index))
             log.phase = "training"
             continue
 
@@ -280,6 +283,7 @@ def parse_log(text: str) -> RankLog:
                 log.rank = rank
                 epoch = int(match.group(2))
                 log.epoch_started = max(epoch, log.epoch_started or 0)
+                log.epoch_start_lines[epoch] = index
                 if log.phase != "training":
                     log.phase = "epoch started"
             continue
@@ -307,20 +311,27 @@ def parse_log(text: str) -> RankLog:
 _OUTPUT_RE = re.compile(r"^output-(\d+)\.txt$")
 
 
+def run_texts(folder: Path) -> dict[int, str]:
+    """The text of every ``output-<rank>.txt`` in ``folder``, keyed by the file's rank; its line ends as
+    written (a "\r" is not made a "\n": the parser splits at both, a log's clock counts the "\n"s)."""
+    texts = {}
+    for path in Path(folder).glob("output-*.txt"):
+        match = _OUTPUT_RE.match(path.name)
+        if match is not None:
+            texts[int(match.group(1))] = path.read_bytes().decode("utf-8", errors="replace")
+    return dict(sorted(texts.items()))
+
+
 def parse_run_folder(folder: Path) -> dict[int, RankLog]:
     """Parse every ``output-<rank>.txt`` in ``folder``, keyed by the file's rank."""
     logs: dict[int, RankLog] = {}
-    for path in sorted(Path(folder).glob("output-*.txt")):
-        match = _OUTPUT_RE.match(path.name)
-        if match is None:
-            continue
-        rank = int(match.group(1))
-        log = parse_log(path.read_text(encoding="utf-8", errors="replace"))
+    for rank, text in run_texts(folder).items():
+        log = parse_log(text)
         if log.rank is None:
             # Nothing in the file says its rank yet: the orchestrator's name does.
             log.rank = rank
         logs[rank] = log
-    return dict(sorted(logs.items()))
+    return logs
 
 
 def format_duration(seconds: float) -> str:

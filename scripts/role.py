@@ -42,11 +42,13 @@ def role_vars(settings: Settings, state: dict, action: str, run_id: str = "") ->
                 if settings.provider == "aws" or settings.cloud_like else 0}
     if action == "run":
         threads = max(1, (os.cpu_count() or 1) // len(state["nodes"])) if settings.provider == "local" else 0
+        run = next((run for run in state.get("runs", []) if run["id"] == run_id), {})  # a sweep's say what they are
         return {**shared, "master_hostname": state["nodes"][0]["id"], "run_id": run_id,
                 "epochs": settings.epochs, "master_port": settings.master_port,
                 "run_timeout": settings.run_timeout, "stall_timeout": settings.stall_timeout,
                 "app_args": shlex.split(settings.app_args),  # as a shell would; the role quotes each
-                "omp_num_threads": threads}
+                "omp_num_threads": threads, "log_clock": run.get("clock", False),
+                "sample_iterations": run.get("sample_iterations", 0)}
     if action == "results":
         return {"user_dir": settings.user_dir, "results_dir": str(settings.results_dir), "run_id": run_id}
     raise ValueError(action)

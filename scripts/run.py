@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--every", type=float, default=float(os.environ.get("PROGRESS_EVERY", config.PROGRESS_EVERY_S)),
                         help="seconds between two progress reports (default %(default)s)")
     parser.add_argument("--nodes", type=int, help="train on ranks 0..NODES-1 only (default: every node)")
+    parser.add_argument("--clock", action="store_true", help="note when each line of the ranks' logs arrives")
+    parser.add_argument("--sample", type=int, default=0, metavar="K",
+                        help="a sample: stop once every rank has done K iterations past its first (implies --clock)")
     args = parser.parse_args(argv)
     settings = config.load_settings()
     with cluster_state.exclusive(settings, "run"):
@@ -49,20 +52,28 @@ def main(argv: list[str] | None = None) -> int:
         else:
             run = {"id": new_run_id(state), "state": "running", "started": time.time(),
                    "epochs": settings.epochs, "nodes": len(ranks["nodes"]), "fetched": False}
+            if args.clock or args.sample:
+                run["clock"] = True
+            if args.sample:
+                run["sample_iterations"] = args.sample
             state.setdefault("runs", []).append(run)
-            output.say(f"starting run {run['id']}: {settings.epochs} epochs on {len(ranks['nodes'])} nodes")
+            output.say(f"starting run {run['id']}: " + (f"a sample of {args.sample} iterations past the first of "
+                                                        if args.sample else "")
+                       + f"{settings.epochs} epochs on {len(ranks['nodes'])} nodes")
         handles = cluster.clap(settings, state)
-        progress = Progress(settings, ranks, run["id"], handles, args.every)
+        progress = Progress(settings, ranks, run["id"], handles, args.every, run.get("sample_iterations", 0))
         try:
             with cluster_state.recording(settings, state, "run"):
                 progress.start()
                 result = role.play(settings, handles, ranks, "run", run["id"])
                 if result.ret_code == role.PLAYBOOK_CANCELED:
                     raise KeyboardInterrupt
-                progress.finish()
+                # The ranks of a sample that ended well were stopped: their logs end in the stop's traceback.
+                progress.finish(report=not (result.ok and run.get("sample_iterations")))
                 if not result.ok:
                     stop_watching_if_only_contact_is_lost(handles, result, run)
-                run["state"] = "done" if result.ok else "failed"
+                # A sample that ended well is a sample, not a whole run.
+                run["state"] = ("sampled" if run.get("sample_iterations") else "done") if result.ok else "failed"
                 run["finished"] = time.time()
                 if not result.ok:
                     run["reason"] = role.playbook_failure(result, ranks)
@@ -72,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             output.warn(f"stopped watching run {run['id']}; the training goes on: `make run` re-attaches, "
                         f"`make logs` shows its output.")
             return 130
-    output.say(f"run {run['id']} finished in {run['finished'] - run['started']:.1f} s; next: make results")
+    output.say(f"run {run['id']} {run['state'] if run['state'] == 'sampled' else 'finished'} in "
+               f"{run['finished'] - run['started']:.1f} s; next: make results")
     return 0
 
 
@@ -104,9 +116,10 @@ class Progress(threading.Thread):
     """Reports every rank's progress from its log while the playbook waits."""
 
     def __init__(self, settings: config.Settings, state: dict, run_id: str, handles: cluster.Clap,
-                 every: float) -> None:
+                 every: float, sample: int = 0) -> None:
         super().__init__(daemon=True)
         self.settings, self.state, self.every = settings, state, every
+        self.sample = sample  # a sample's ranks are stopped once done: their logs end in the stop's traceback
         self.logs = run_logs.RunLogs(settings, state, run_id, handles)
         self.stopped = threading.Event()
         self.sizes: dict[int, tuple[int, float]] = {}  # rank -> (log size, when it last grew)
@@ -137,6 +150,9 @@ class Progress(threading.Thread):
                 self.sizes[rank] = (len(text), now)
             log = dcgan_logs.parse_log(text)
             log.rank = rank if log.rank is None else log.rank
+            if self.sample and log.status == dcgan_logs.STATUS_FAILED and len(log.iterations) > self.sample:
+                lines.append(f"rank {rank}  sampled: stopped after {len(log.iterations) - 1} iterations past its first")
+                continue
             lines.append(dcgan_logs.progress_line(log, now, self.sizes[rank][1], color=sys.stdout.isatty(),
                                                   stall_bound=self.settings.stall_timeout or None))
         shown = "\n           ".join(lines)

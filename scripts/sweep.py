@@ -4,16 +4,24 @@ Per type the cluster grows from the smallest size to the next (setup only on the
 nodes); the run of size k trains on ranks 0..k-1. Every run is fetched as `make results`
 does; RESULTS_DIR/sweep-<id>/ gets sweep.json, sweep.md and sweep.png. The id is a hash of
 the plan, so `make sweep` again resumes: points done are not run twice, failed ones are.
+
+With SAMPLE_ITERATIONS=K each point trains only until every rank has done K iterations past
+its first, and predicts its full run from that sample (scripts/predict.py); VALIDATE=1 also
+runs it in full and compares. DEADLINE and BUDGET name the point to pick (sweep_report.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import hashlib
 import ipaddress
 import json
 import os
+import re
 import statistics
+import time
 from pathlib import Path
 
 import aws_nodes
@@ -24,38 +32,43 @@ import config
 import dcgan_logs
 import down
 import output
+import predict
 import results
 import run
 import setup
+import sweep_report
 import up
 from output import UserError
 
-SHARED_CORES = "All hosts share this machine's {cores} cores: the speed-up shows the orchestration, not the cloud."
+# T-type instances (t2, t3, t3a, t4g) run on CPU credits: fast while the credits last, slow after.
+BURSTABLE = re.compile(r"t\d+[a-z]*\.")
 
 
 def main(argv: list[str] | None = None) -> int:
     argparse.ArgumentParser(description=__doc__).parse_args(argv)
     settings = config.load_settings()
     per_type = {kind: type_settings(kind) for kind in settings.instance_types}
-    for typed in per_type.values():
+    flavors = {}
+    for kind, typed in per_type.items():
         try:
-            clap_configs.check_configs(typed)
+            flavors[kind] = str(clap_configs.check_configs(typed).get("flavor", ""))
         except UserError as error:
             raise UserError(f"INSTANCE_TYPES={','.join(settings.instance_types)}: {error}") from None
         check_size(typed, settings.sizes[-1])
     plan = sweep_plan(settings)
     folder = settings.results_dir / f"sweep-{sweep_id(plan)}"
     record = read_record(folder, plan)
-    todo = [(kind, size) for kind in settings.instance_types for size in settings.sizes
-            if point(record, kind, size).get("state") != "done"]
-    ceiling = cost_ceiling(settings, per_type, todo)
+    todo = points_to_run(settings, record)
+    ceiling = cost_ceiling(settings, per_type, record, todo)
+    burstable = [kind for kind, flavor in flavors.items() if BURSTABLE.match(flavor)] \
+        if settings.sample_iterations else []
     if settings.dry_run:
-        show_plan(settings, record, todo, ceiling, folder)
+        show_plan(settings, record, todo, ceiling, folder, burstable)
         return 0
     if ceiling is not None and ceiling > settings.max_sweep_cost:
-        raise UserError(f"the sweep's cost ceiling is ${ceiling:.2f} ({len(todo)} runs at RUN_TIMEOUT="
-                        f"{settings.run_timeout} s), above MAX_SWEEP_COST={settings.max_sweep_cost:g}: fewer "
-                        f"SIZES or INSTANCE_TYPES, a lower RUN_TIMEOUT, or a higher MAX_SWEEP_COST.")
+        raise UserError(f"the sweep's cost ceiling is ${ceiling:.2f} ({runs_to_do(settings, record, todo)} runs at "
+                        f"RUN_TIMEOUT={settings.run_timeout} s), above MAX_SWEEP_COST={settings.max_sweep_cost:g}: "
+                        f"fewer SIZES or INSTANCE_TYPES, a lower RUN_TIMEOUT, or a higher MAX_SWEEP_COST.")
     if todo:
         state = cluster_state.read_state(settings)
         if state and state.get("nodes"):
@@ -63,18 +76,42 @@ def main(argv: list[str] | None = None) -> int:
                             f"`make down` first (the sweep starts its own nodes).")
         checks.preflight(settings)
     folder.mkdir(parents=True, exist_ok=True)
+    with cluster_state.exclusive_file(folder / "sweep.json", "sweep"):
+        record = read_record(folder, plan)  # again, under the lock: a sweep that just ended may have written it
+        return sweep(settings, per_type, folder, record, points_to_run(settings, record), burstable)
+
+
+def points_to_run(settings: config.Settings, record: dict) -> list[tuple[str, int]]:
+    return [(kind, size) for kind in settings.instance_types for size in settings.sizes
+            if parts_to_run(settings, point(record, kind, size))]
+
+
+def sweep(settings: config.Settings, per_type: dict, folder: Path, record: dict, todo: list[tuple[str, int]],
+          burstable: list[str]) -> int:
+    """Run the points still to do, one after the other, recording each; then `make down` and the report."""
+    if burstable:
+        output.warn(sweep_report.burstable_note(burstable))
     for number, (kind, size) in enumerate(todo, start=1):
         if number > 1 and todo[number - 2][0] != kind and down.main([]) != 0:
             raise UserError("`make down` failed between two instance types: run `make down`, then `make sweep`.")
         output.say(f"point {number} of {len(todo)}: {size} {kind} nodes")
-        record["points"][f"{kind}/{size}"] = run_point(settings, per_type[kind], kind, size, number, len(todo))
-        write_outputs(settings, folder, record)
+        record["points"][f"{kind}/{size}"] = run_point(settings, per_type[kind], kind, size, number, len(todo),
+                                                       point(record, kind, size))
+        write_outputs(settings, folder, record, burstable)
     if todo and down.main([]) != 0:
         raise UserError("`make down` failed at the end of the sweep: run `make down` again.")
-    write_outputs(settings, folder, record)
-    failed = [key for key, p in record["points"].items() if p["state"] != "done"]
+    write_outputs(settings, folder, record, burstable)
+    failed = [key for key, p in record["points"].items() if parts_to_run(settings, p)]
     output.say(f"sweep in {folder}: {len(record['points']) - len(failed)} points done"
                + (f", failed: {', '.join(failed)}; `make sweep` again redoes them." if failed else "."))
+    if burstable:
+        output.warn(sweep_report.burstable_note(burstable))
+    scored = sweep_report.error_line(record)
+    if scored:
+        output.say(scored)
+    pick = sweep_report.recommendation(settings, record)
+    if pick:
+        output.say(pick["line"])
     return 1 if failed else 0
 
 
@@ -95,11 +132,15 @@ def check_size(settings: config.Settings, size: int) -> None:
 
 
 def sweep_plan(settings: config.Settings) -> dict:
-    """What makes two sweeps the same experiment."""
-    return {"provider": settings.provider, "instance_types": settings.instance_types, "sizes": settings.sizes,
+    """What makes two sweeps the same experiment. VALIDATE adds full runs to a sampled sweep (the same
+    sweep), DEADLINE and BUDGET only read it."""
+    plan = {"provider": settings.provider, "instance_types": settings.instance_types, "sizes": settings.sizes,
             "epochs": settings.epochs, "app": settings.dcgan_dir, "app_args": settings.app_args,
             "data": settings.cifar_data_dir,
             "synthetic_images": settings.synthetic_images if settings.synthetic_data else None}
+    if settings.sample_iterations:  # absent otherwise: a full sweep keeps the id it had before samples existed
+        plan["sample_iterations"] = settings.sample_iterations
+    return plan
 
 
 def sweep_id(plan: dict) -> str:
@@ -118,52 +159,135 @@ def read_record(folder: Path, plan: dict) -> dict:
 
 
 def point(record: dict, kind: str, size: int) -> dict:
+    """A point's record: the full run's figures at the top (state, run_id, wall_seconds, ...), the
+    sample's under "sample"."""
     return record["points"].get(f"{kind}/{size}", {})
 
 
-def cost_ceiling(settings: config.Settings, per_type: dict, todo: list[tuple[str, int]]) -> float | None:
-    """On AWS: every point's nodes billed for RUN_TIMEOUT."""
+def parts_to_run(settings: config.Settings, done: dict) -> list[str]:
+    """What a point still needs: its sample (SAMPLE_ITERATIONS), its full run (no sample, or VALIDATE)."""
+    parts = []
+    if settings.sample_iterations and done.get("sample", {}).get("state") != "done":
+        parts.append("sample")
+    if (not settings.sample_iterations or settings.validate) and done.get("state") != "done":
+        parts.append("full")
+    return parts
+
+
+def runs_to_do(settings: config.Settings, record: dict, todo: list[tuple[str, int]]) -> int:
+    return sum(len(parts_to_run(settings, point(record, kind, size))) for kind, size in todo)
+
+
+def cost_ceiling(settings: config.Settings, per_type: dict, record: dict,
+                 todo: list[tuple[str, int]]) -> float | None:
+    """On AWS: every run still to do (a sample too) billed for RUN_TIMEOUT."""
     if settings.provider != "aws":
         return None
-    hourly = [aws_nodes.hourly_cost(per_type[kind], size) for kind, size in todo]
-    if None in hourly:
+    hourly = [(aws_nodes.hourly_cost(per_type[kind], size), len(parts_to_run(settings, point(record, kind, size))))
+              for kind, size in todo]
+    if any(price is None for price, _ in hourly):
         raise UserError("a type of INSTANCE_TYPES has no price in clap_config/prices.yaml: add it there.")
-    return sum(hourly) * settings.run_timeout / 3600
+    return sum(price * runs for price, runs in hourly) * settings.run_timeout / 3600
 
 
 def show_plan(settings: config.Settings, record: dict, todo: list[tuple[str, int]], ceiling: float | None,
-              folder: Path) -> None:
-    print(f"DRY RUN: sweep {folder.name}: {settings.epochs} epochs per run, {len(todo)} of "
-          f"{len(settings.sizes) * len(settings.instance_types)} points to run")
+              folder: Path, burstable: list[str]) -> None:
+    sample = f"a sample of {settings.sample_iterations} iterations past the first per point" \
+        + (", and each in full (VALIDATE)" if settings.validate else "") if settings.sample_iterations else ""
+    print(f"DRY RUN: sweep {folder.name}: {settings.epochs} epochs per run{', ' + sample if sample else ''}, "
+          f"{len(todo)} of {len(settings.sizes) * len(settings.instance_types)} points to run")
     nodes = 0
     for number, (kind, size) in enumerate(todo, start=1):
         nodes = 0 if number > 1 and todo[number - 2][0] != kind else nodes
+        parts = parts_to_run(settings, point(record, kind, size))
         print(f"  point {number} of {len(todo)}: {kind}, {size} nodes (ranks 0..{size - 1}); "
-              f"starts {max(0, size - nodes)} nodes")
+              f"starts {max(0, size - nodes)} nodes" + ("" if parts == ["full"] else f"; runs: {' then '.join(parts)}"))
         nodes = max(nodes, size)
     for key, done in record["points"].items():
-        if done.get("state") == "done":
-            print(f"  done before: {key} (run {done['run_id']})")
+        if not parts_to_run(settings, done):
+            runs = [run_id for run_id in (done.get("sample", {}).get("run_id"), done.get("run_id")) if run_id]
+            print(f"  done before: {key} (run {', '.join(runs)})")
     if ceiling is not None:
         verdict = "within" if ceiling <= settings.max_sweep_cost else "ABOVE: `make sweep` refuses it, over"
         print(f"  cost ceiling ${ceiling:.2f} (every run at RUN_TIMEOUT={settings.run_timeout} s), {verdict} "
               f"MAX_SWEEP_COST={settings.max_sweep_cost:g}")
+    if burstable:
+        print(f"  {sweep_report.burstable_note(burstable)}")
     print("  then `make down`. Nothing was started or written.")
 
 
 def run_point(settings: config.Settings, typed: config.Settings, kind: str, size: int, number: int,
-              points: int) -> dict:
-    """up (grow), setup, run on ranks 0..size-1, results: the point's record, done or failed."""
+              points: int, before: dict | None = None) -> dict:
+    """up (grow), setup, then the parts the point still needs on ranks 0..size-1, each fetched: the
+    point's record. A failed sample skips the full run (it would fail alike, and it is redone later)."""
     os.environ.update({"INSTANCE_TYPE": kind, "NODES": str(size)})
+    started = time.monotonic()
     for step in (up, setup):
         if step.main([]) != 0:
             raise UserError(f"`make {step.__name__}` failed for {size} {kind} nodes: fix it, then `make sweep`.")
+    cluster = {"setup_seconds": time.monotonic() - started}  # growing to this size: a sampled or full sweep alike
     state = cluster_state.read_state(settings)
     state["sweep"] = {"point": number, "of": points, "type": kind, "size": size}
     cluster_state.write_state(settings, state)
-    outcome = {"type": kind, "size": size, "state": "done"}
+    before = before or {}
+    parts = parts_to_run(settings, before)
+    full = {name: value for name, value in before.items()
+            if name not in ("type", "size", "sample", "setup_seconds", "hourly_usd")}
+    sample = before.get("sample")
+    hourly = aws_nodes.hourly_cost(typed, size) if settings.provider == "aws" else None
+    if hourly is not None:
+        cluster["hourly_usd"] = hourly
+    if "sample" in parts:
+        sample, whole = sample_run(settings, size, hourly)
+        if whole is not None:  # the sample was the whole run: nothing left to run in full
+            full, parts = whole, []
+    if "full" in parts and (sample is None or sample["state"] == "done"):
+        full = full_run(settings, size, hourly)
+    return {"type": kind, "size": size, **cluster, **full, **({"sample": sample} if sample else {})}
+
+
+def sample_run(settings: config.Settings, size: int, hourly: float | None) -> tuple[dict, dict | None]:
+    """The point's sample and what it predicts; and when the app ended before the sample did (a run of
+    fewer iterations), the measured run it then is."""
+    outcome, last = fetched_run(settings, size, settings.sample_iterations)
+    if hourly is not None:
+        outcome["sample_cost_usd"] = hourly * outcome["wall_seconds"] / 3600
+    if outcome["state"] != "done":
+        return outcome, None
+    folder = settings.results_dir / last["id"]
+    logs = dcgan_logs.parse_run_folder(folder)
+    if logs and all(log.finished for log in logs.values()):
+        output.say(f"the sample of run {last['id']} was its whole run: measured, nothing to predict")
+        return {**outcome, "whole_run": True}, {**outcome, **measured(folder, last, hourly)}
     try:
-        status = run.main(["--nodes", str(size)])
+        terms = predict.timing(folder, last)
+    except predict.NoTiming as error:
+        return {**outcome, "state": "failed", "reason": f"the sample shows too little to predict from: {error}"}, None
+    prediction = predict.predict(terms, settings.epochs, hourly)
+    output.say(f"the sample predicts {prediction['wall_s']:.1f} s for the whole run "
+               f"({prediction['wall_low_s']:.1f}-{prediction['wall_high_s']:.1f} s)"
+               + (f", ${prediction['cost_usd']:.4f}" if hourly is not None else ""))
+    return {**outcome, "iterations": settings.sample_iterations, "timing": dataclasses.asdict(terms),
+            "prediction": prediction}, None
+
+
+def full_run(settings: config.Settings, size: int, hourly: float | None) -> dict:
+    outcome, last = fetched_run(settings, size, 0)
+    folder = settings.results_dir / last["id"]
+    return {**outcome, **(measured(folder, last, hourly) if folder.exists() else {})}
+
+
+def fetched_run(settings: config.Settings, size: int, sample_iterations: int) -> tuple[dict, dict]:
+    """One run on ranks 0..size-1 (a sample of that many iterations, or the whole run), with its
+    logs' clock, fetched as `make results` does: its record, done or failed, and its nodes.json entry."""
+    outcome = {"state": "done"}
+    started = time.monotonic()
+    # The nodes share this machine: its load at the run's start and end says how steady the pace could be.
+    here = settings.provider == "local" and not settings.ssh_hosts
+    load = [round(os.getloadavg()[0], 2)] if here else []
+    try:
+        status = run.main(["--nodes", str(size), "--clock"]
+                          + (["--sample", str(sample_iterations)] if sample_iterations else []))
         if status == 130:
             raise KeyboardInterrupt  # Ctrl-C stops the sweep; `make down`, then `make sweep` resumes
         if status != 0:
@@ -171,22 +295,31 @@ def run_point(settings: config.Settings, typed: config.Settings, kind: str, size
     except UserError as error:
         output.warn(str(error))
         outcome.update(state="failed", reason=str(error))
-    state = cluster_state.read_state(settings)
-    last = state["runs"][-1]
-    outcome.update(run_id=last["id"], wall_seconds=last.get("finished", 0) - last["started"])
-    try:
-        fetched = results.main(["--run-id", last["id"]]) == 0
+    last = cluster_state.read_state(settings)["runs"][-1]
+    if here:
+        outcome["load"] = [*load, round(os.getloadavg()[0], 2)]
+    outcome.update(run_id=last["id"], wall_seconds=last.get("finished", 0) - last["started"],
+                   started=last["started"], finished=last.get("finished"))  # its logs' clock is read against them
+    try:  # a sample's report would only show its ranks stopped: sweep.md says what it shows
+        fetched = results.main(["--run-id", last["id"], *(["--no-report"] if sample_iterations else [])]) == 0
     except UserError as error:  # recorded like a failed run: the other points still run
         output.warn(str(error))
         fetched = False
-    if fetched:
-        outcome.update(measure(settings.results_dir / last["id"]))
-    else:
+    if not fetched:
         outcome.update(state="failed", reason=outcome.get("reason") or f"run {last['id']} was not fetched")
-    hourly = aws_nodes.hourly_cost(typed, size) if settings.provider == "aws" else None
+    outcome["seconds"] = time.monotonic() - started  # what the run added to the sweep: itself and its fetch
+    return outcome, last
+
+
+def measured(folder: Path, last: dict, hourly: float | None) -> dict:
+    """A fetched full run's figures: its epochs, its cost, and the model's terms as it shows them."""
+    figures = measure(folder)
     if hourly is not None:
-        outcome["cost_usd"] = hourly * outcome["wall_seconds"] / 3600
-    return outcome
+        figures["cost_usd"] = hourly * (last.get("finished", 0) - last["started"]) / 3600
+    if last.get("finished"):  # a run without a clock, or one that failed early, has no terms to compare
+        with contextlib.suppress(predict.NoTiming):
+            figures["timing"] = dataclasses.asdict(predict.timing(folder, last))
+    return figures
 
 
 def measure(folder: Path) -> dict:
@@ -202,93 +335,9 @@ def measure(folder: Path) -> dict:
     return {"first_epoch_s": first, "epoch_s": epoch, "images_per_s": images / epoch if epoch else None}
 
 
-def derived(record: dict) -> list[dict]:
-    """Every point, with speed-up and efficiency against the smallest size of its type, and cost per epoch."""
-    rows = sorted(record["points"].values(), key=lambda p: (p["type"], p["size"]))
-    for row in rows:
-        base = next((p for p in rows if p["type"] == row["type"] and p.get("epoch_s")), None)
-        if row.get("epoch_s") and base:
-            row["speedup"] = base["epoch_s"] / row["epoch_s"]
-            row["efficiency"] = row["speedup"] * base["size"] / row["size"]
-        if row.get("cost_usd") is not None and row.get("epoch_s") and row.get("wall_seconds"):
-            row["cost_per_epoch_usd"] = row["cost_usd"] * row["epoch_s"] / row["wall_seconds"]
-    return rows
-
-
-def write_outputs(settings: config.Settings, folder: Path, record: dict) -> None:
-    rows = derived(record)
-    (folder / "sweep.json").write_text(json.dumps(record, indent=2))
-    note = SHARED_CORES.format(cores=os.cpu_count()) if settings.provider == "local" and not settings.ssh_hosts \
-        else ""
-    (folder / "sweep.md").write_text(table(record["plan"], rows, note))
-    plot(rows, note, folder / "sweep.png")
-
-
-def table(plan: dict, rows: list[dict], note: str) -> str:
-    def num(value: float | None, form: str) -> str:
-        return "-" if value is None else format(value, form)
-
-    lines = [f"# Sweep: {plan['epochs']} epochs, sizes {', '.join(map(str, plan['sizes']))}", ""]
-    lines += [note, ""] if note else []
-    lines += ["| type | nodes | state | run | first epoch s | epoch s | images/s | speed-up | efficiency "
-              "| wall s | cost $ | $ per epoch |", "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for row in rows:
-        lines.append(f"| {row['type']} | {row['size']} | {row['state']} | {row.get('run_id', '-')} | "
-                     f"{num(row.get('first_epoch_s'), '.2f')} | {num(row.get('epoch_s'), '.2f')} | "
-                     f"{num(row.get('images_per_s'), '.1f')} | {num(row.get('speedup'), '.2f')} | "
-                     f"{num(row.get('efficiency'), '.0%')} | {num(row.get('wall_seconds'), '.1f')} | "
-                     f"{num(row.get('cost_usd'), '.4f')} | {num(row.get('cost_per_epoch_usd'), '.5f')} |")
-    failed = [row for row in rows if row["state"] != "done"]
-    lines += [""] + [f"- {row['type']}/{row['size']} failed: {row.get('reason', '?')}" for row in failed]
-    return "\n".join(lines).rstrip() + "\n"
-
-
-def cheapest_for_speed(rows: list[dict]) -> list[dict]:
-    """Points no other point beats on both cost per epoch and time per epoch."""
-    priced = [r for r in rows if r.get("cost_per_epoch_usd") is not None and r.get("epoch_s")]
-    return [r for r in priced if not any(o is not r and o["cost_per_epoch_usd"] <= r["cost_per_epoch_usd"]
-                                         and o["epoch_s"] <= r["epoch_s"] for o in priced)]
-
-
-def plot(rows: list[dict], note: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (times, speedups, costs) = plt.subplots(1, 3, figsize=(15, 4.5))
-    for kind in sorted({r["type"] for r in rows}):
-        measured = [r for r in rows if r["type"] == kind and r.get("speedup")]
-        sizes = [r["size"] for r in measured]
-        times.plot(sizes, [r["epoch_s"] for r in measured], "o-", label=kind)
-        speedups.plot(sizes, [r["speedup"] for r in measured], "o-", label=kind)
-        if sizes:
-            speedups.plot(sizes, [s / sizes[0] for s in sizes], "k--", label=f"ideal ({kind})")
-        priced = [r for r in measured if r.get("cost_per_epoch_usd") is not None]
-        if priced:
-            costs.plot([r["epoch_s"] for r in priced], [r["cost_per_epoch_usd"] for r in priced], "o", label=kind)
-        for r in priced:
-            costs.annotate(str(r["size"]), (r["epoch_s"], r["cost_per_epoch_usd"]))
-    best = cheapest_for_speed(rows)
-    if best:
-        costs.plot([r["epoch_s"] for r in best], [r["cost_per_epoch_usd"] for r in best], "r*", markersize=14,
-                   label="cheapest for its speed")
-    else:
-        costs.text(0.5, 0.5, "no cost on the local cluster", ha="center", transform=costs.transAxes)
-    for axes, title, xlabel, ylabel in (
-            (times, "time per epoch", "nodes", "seconds"), (speedups, "speed-up", "nodes", "x smallest size"),
-            (costs, "cost per epoch vs time per epoch", "seconds per epoch", "USD per epoch")):
-        axes.set(title=title, xlabel=xlabel, ylabel=ylabel)
-        axes.grid(alpha=0.3)
-        if xlabel == "nodes":
-            axes.xaxis.get_major_locator().set_params(integer=True)
-        if axes.get_legend_handles_labels()[0]:
-            axes.legend(fontsize=8)
-    if note:
-        figure.suptitle(note, fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path, dpi=90)
-    plt.close(figure)
+def write_outputs(settings: config.Settings, folder: Path, record: dict, burstable: list[str]) -> None:
+    cluster_state.write_json(folder / "sweep.json", record)  # what a resumed sweep reads: never half written
+    sweep_report.write(settings, folder, record, burstable)
 
 
 if __name__ == "__main__":

@@ -682,3 +682,20 @@ def test_the_closing_progress_report_is_not_a_repeat(tmp_path: Path, capsys: pyt
     progress.finish()
     reports = [line for line in capsys.readouterr().out.splitlines() if "rank 0" in line]
     assert len(reports) == 2 and "finished" in reports[1], reports
+
+
+@pytest.mark.parametrize(("sample", "shown"), [
+    (20, "rank 0  sampled: stopped after 20 iterations past its first"),
+    (0, "rank 0  failed: SignalException"),  # a whole run that was stopped so did fail
+])
+def test_a_samples_stopped_ranks_show_as_sampled_not_failed(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                           sample: int, shown: str) -> None:
+    """A sample's ranks end in the stop's traceback (tests/data/clocked/sample, a real one): while the run
+    is a sample of 20 iterations past the first, its progress says sampled."""
+    settings = config.load_settings({"ENV_FILE": os.devnull, "EFS_MOUNT_POINT": str(tmp_path),
+                                     "CLAP_PATH": str(tmp_path / "clap")})
+    folder = Path(run_logs.run_folder(settings, "r1"))
+    folder.mkdir(parents=True)
+    (folder / "output-0.txt").write_bytes((DATA / "clocked" / "sample" / "output-0.txt").read_bytes())
+    run.Progress(settings, {"nodes": [{"rank": 0}]}, "r1", None, every=3600, sample=sample).report()
+    assert shown in capsys.readouterr().out

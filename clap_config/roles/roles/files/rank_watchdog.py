@@ -9,13 +9,17 @@ and it ends its rank by itself when:
   - a peer stops beating its heartbeat for --peer-timeout seconds
     (its node died or lost its network): gloo alone would block ~30 min, or
   - its rank's log has not grown for --stall-timeout seconds (a hung rank:
-    a deadlock, a stopped process, a dead NFS mount), naming its last line.
+    a deadlock, a stopped process, a dead NFS mount), naming its last line, or
+  - (--sample-iterations K, a sweep's sample) every rank has done K iterations
+    past its first: the outcome is then "sampled", not a failure.
 
 Ranks talk through files in the run folder, which is on the shared filesystem:
   .rank-R.ready the watchdog of rank R is up: every rank starts once all are (see START_TOGETHER_S)
   .rank-R.json  who runs rank R (node, PIDs, command)
   .rank-R.beat  a counter the watchdog bumps every --beat seconds
   .rank-R.exit  the outcome: {"code": N, "reason": "..."}
+  .rank-R.clock (--clock) when each line of the rank's log arrived: the app prints no clock
+  .rank-R.sampled (--sample-iterations) rank R has done its sample's iterations
 
 It finds the interface that reaches the master and gives the rank, through its
 environment, GLOO_SOCKET_IFNAME, OMP_NUM_THREADS and PYTHONUNBUFFERED.
@@ -56,6 +60,10 @@ WAIT_RECHECK_S = 30.0  # a waiting `wait` looks again at least this often, whate
 # nodes that share cores. A peer still missing then is left to the usual watch (--peer-timeout).
 START_TOGETHER_S = 10.0
 READY = re.compile(r"\.rank-(\d+)\.ready")
+SAMPLED = re.compile(r"\.rank-(\d+)\.sampled")
+ITERATION_LINE = re.compile(rb"\]\[iteration: \d+/\d+\]\[rank: \d+\] .*iteration time: ")  # one per iteration
+IN_MODIFY = 0x2  # inotify: the file was written
+CLOCK_POLL_S = 0.05  # without inotify, the clock looks at the log this often
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -96,6 +104,7 @@ class Rank:
         self.info = run_dir / f".rank-{rank}.json"
         self.beat = run_dir / f".rank-{rank}.beat"
         self.exit = run_dir / f".rank-{rank}.exit"
+        self.clock = run_dir / f".rank-{rank}.clock"
 
 
 def start(args: argparse.Namespace) -> int:
@@ -188,24 +197,112 @@ def _watch(args: argparse.Namespace, me: Rank) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
     watch = Watch(args, me, child.pid)
+    clock = LogClock(args.log, me.clock) if args.clock or args.sample_iterations else None
+    sample = Sample(args, clock) if args.sample_iterations and clock else None
     outcome = None
-    with _exit_of(child.pid) as sleep:
+    beat_due = time.monotonic()
+    with _exit_of(child.pid, clock.wakeup if clock else None) as sleep:
         while outcome is None:
+            if clock:
+                clock.read()
             status = child.poll()
-            if status is not None:
+            if sample and sample.done():  # a peer stopped first may have broken this rank's last iteration
+                outcome = (0, f"sampled: every rank did {args.sample_iterations} iterations past its first")
+            elif status is not None:
                 outcome = (status, "finished" if status == 0 else f"the app exited with code {status}")
             elif stopping:
                 outcome = (EXIT_STOPPED, stopping[0])
             else:
-                outcome = watch.check()
+                if time.monotonic() >= beat_due:  # a clock wakes the loop at every line; beats stay a beat apart
+                    outcome = watch.check()
+                    beat_due = time.monotonic() + args.beat
                 if outcome is None:
-                    sleep(args.beat)  # wakes at once when the rank ends
+                    # wakes at once when the rank ends, and with a clock when its log is written
+                    bound = CLOCK_POLL_S if clock and clock.wakeup is None else args.beat
+                    sleep(max(0.0, min(beat_due - time.monotonic(), bound)))
     if child.poll() is None:
         _stop_child(child, args.stop_command)
+    if clock:
+        clock.read()
+        clock.save()
     code, reason = outcome
     _write_json(me.exit, {"code": code, "reason": reason, "finished": time.time(),
                           "seconds": round(time.monotonic() - watch.started, 1)})
     return 0
+
+
+class LogClock:
+    """When each line of the rank's log arrived: the app prints no clock, and a sweep predicts a run
+    (and measures a full one) from these times. It reads the log when inotify says it was written
+    (so it notes a line within a few milliseconds, and wakes for nothing else), else every
+    CLOCK_POLL_S; it also counts the app's iteration lines, for a sample."""
+
+    def __init__(self, log: Path, path: Path) -> None:
+        self.log, self.path = log, path
+        self.offset, self.partial = 0, b""
+        self.lines = self.iterations = 0
+        self.marks: list[list[float]] = []  # [time, complete lines of the log by then]
+        self.wakeup = _writes_of(log)
+
+    def read(self) -> None:
+        now = time.time()
+        if self.wakeup is not None:
+            with contextlib.suppress(BlockingIOError):
+                while os.read(self.wakeup, 4096):
+                    pass
+        try:
+            with open(self.log, "rb") as text:
+                text.seek(self.offset)
+                chunk = text.read()
+        except OSError:
+            return
+        self.offset += len(chunk)
+        lines = (self.partial + chunk).split(b"\n")
+        self.partial = lines.pop()
+        if lines:
+            self.lines += len(lines)
+            self.iterations += sum(1 for line in lines if ITERATION_LINE.search(line))
+            self.marks.append([round(now, 3), self.lines])
+
+    def save(self) -> None:
+        _write_json(self.path, {"lines": self.marks})
+        if self.wakeup is not None:
+            os.close(self.wakeup)
+
+
+def _writes_of(path: Path) -> int | None:
+    """A descriptor that turns readable when path is written (Linux inotify), or None without inotify."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        found = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    except (ImportError, OSError, AttributeError):
+        return None
+    if found < 0:
+        return None
+    if libc.inotify_add_watch(found, os.fsencode(path), IN_MODIFY) < 0:
+        os.close(found)
+        return None
+    return found
+
+
+class Sample:
+    """A sweep's sample: the rank trains until every rank has done --sample-iterations iterations past
+    its first (each watchdog says so for its own rank with .rank-R.sampled), then it is stopped."""
+
+    def __init__(self, args: argparse.Namespace, clock: LogClock) -> None:
+        self.args, self.clock = args, clock
+        self.marked = self.complete = False
+
+    def done(self) -> bool:
+        if not self.marked and self.clock.iterations > self.args.sample_iterations:
+            (self.args.run_dir / f".rank-{self.args.rank}.sampled").touch()
+            self.marked = True
+        if self.marked and not self.complete:  # listed, not looked up: an NFS client may cache a missing name
+            ranks = {found.group(1) for found in map(SAMPLED.fullmatch, os.listdir(self.args.run_dir)) if found}
+            self.complete = len(ranks) >= self.args.world
+        return self.complete
 
 
 class Watch:
@@ -353,17 +450,19 @@ def wait(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def _exit_of(pid: int) -> Iterator[Callable[[float], object]]:
-    """A sleep of at most the given seconds that ends as soon as pid exits: a select on the process's
-    pidfd, so nothing runs meanwhile (Popen.wait with a timeout wakes every 50 ms). Without pidfd
-    (Python < 3.9, Linux < 5.3, or pid already gone) it sleeps at most half a second."""
+def _exit_of(pid: int, wakeup: int | None = None) -> Iterator[Callable[[float], object]]:
+    """A sleep of at most the given seconds that ends as soon as pid exits (or the descriptor wakeup
+    turns readable): a select on the process's pidfd, so nothing runs meanwhile (Popen.wait with a
+    timeout wakes every 50 ms). Without pidfd (Python < 3.9, Linux < 5.3, or pid already gone) it
+    sleeps at most half a second."""
+    also = [] if wakeup is None else [wakeup]
     try:
         pidfd = os.pidfd_open(pid)
     except (AttributeError, OSError):
-        yield lambda seconds: time.sleep(min(seconds, 0.5))
+        yield lambda seconds: select.select(also, [], [], min(seconds, 0.5)) if also else time.sleep(min(seconds, 0.5))
         return
     try:
-        yield lambda seconds: select.select([pidfd], [], [], seconds)
+        yield lambda seconds: select.select([pidfd, *also], [], [], seconds)
     finally:
         os.close(pidfd)
 
@@ -408,6 +507,9 @@ def main(argv: list[str] | None = None) -> int:
     p_start.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of the rank; 0: the node's cores")
     p_start.add_argument("--probe", help="HOST:PORT of the master; a rank that cannot reach it is ended")
     p_start.add_argument("--stop-command", help="shell command that also stops the rank (containers)")
+    p_start.add_argument("--clock", type=int, default=0, help="1: note when each line of the log arrives")
+    p_start.add_argument("--sample-iterations", type=int, default=0,
+                         help="stop the rank once every rank has done this many iterations past its first; 0: never")
     p_start.add_argument("--wait", action="store_true", help="then wait for the outcome, as `wait` does")
     p_start.add_argument("command", nargs=argparse.REMAINDER, help="-- the rank's command")
     p_wait = sub.add_parser("wait", help="wait for a rank's outcome; exit 0 when it finished well")

@@ -1,5 +1,6 @@
-"""boto3 helpers for the AWS steps and our EC2 provider: credentials, images, the checks made
-before anything starts, our tags, waits with deadlines, cost.
+"""boto3 helpers for the AWS steps and our EC2 provider: sessions and clients, errors as one
+sentence, our tags, the instances and waits with deadlines, cost. What `make check` asks EC2
+before anything starts is in aws_account.
 
 No CLAP import: these read CLAP's config files directly so that a step can
 check or clean up even when CLAP is broken or its node records are gone.
@@ -26,10 +27,6 @@ from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
-    ConnectTimeoutError,
-    EndpointConnectionError,
-    NoCredentialsError,
-    ReadTimeoutError,
     WaiterError,
 )
 
@@ -43,12 +40,10 @@ PRICES_FILE = ROOT / "clap_config" / "prices.yaml"
 TAG_PROJECT = "ClapProject"
 TAG_CLUSTER = "ClapClusterId"
 TAG_OWNER = "ClapOwner"
-# AWS's own syntax for an AMI named by a public SSM parameter (RunInstances accepts it too).
-SSM_IMAGE = "resolve:ssm:"
 
 LIVE_STATES: tuple[str, ...] = ("pending", "running", "stopping", "stopped")
 
-_AUTH_CODES = {
+AUTH_CODES = {
     "AuthFailure",
     "InvalidClientTokenId",
     "SignatureDoesNotMatch",
@@ -56,8 +51,8 @@ _AUTH_CODES = {
     "InvalidAccessKeyId",
     "IncompleteSignature",
 }
-_DENIED_CODES = {"UnauthorizedOperation", "AccessDenied", "AccessDeniedException"}
-_NOT_FOUND_CODES = {"InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed"}
+DENIED_CODES = {"UnauthorizedOperation", "AccessDenied", "AccessDeniedException"}
+NOT_FOUND_CODES = {"InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed"}
 _CLIENT_CONFIG = Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": 3, "mode": "standard"})
 WAIT_EVERY_S = 5  # seconds between two DescribeInstances while waiting for a state
 
@@ -120,39 +115,15 @@ def ec2_client_from_clap_config(clap_path: Path, provider_id: str) -> BaseClient
     return client(session_from_clap_config(clap_path, provider_id), "ec2")
 
 
-def check_credentials(client: BaseClient) -> None:
-    """One cheap call (DescribeRegions); raise AwsError saying what to fix."""
-    where = client.meta.endpoint_url
-    try:
-        client.describe_regions(RegionNames=[client.meta.region_name])
-    except NoCredentialsError:
-        raise AwsError("no AWS credentials: fill the access/secret key files named in providers.yaml") from None
-    except (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError):
-        raise AwsError(f"cannot reach the EC2 endpoint {where}: check the network, the region or "
-                       f"AWS_ENDPOINT_URL") from None
-    except ClientError as e:
-        code = e.response.get("Error", {}).get("Code", "")
-        if code in _AUTH_CODES:
-            raise AwsError(
-                f"AWS rejected the credentials ({code}) at {where}: check the access_keyfile and "
-                "secret_access_keyfile files (in CLAP_PATH/private) named by providers.yaml"
-            ) from None
-        if code in _DENIED_CODES:
-            raise AwsError(f"the credentials work but may not call EC2 ({code}): grant them EC2 permissions") from None
-        raise AwsError(f"EC2 DescribeRegions failed at {where}: {code or e}") from None
-    except BotoCoreError as e:
-        raise AwsError(f"EC2 call to {where} failed: {type(e).__name__}") from None
-
-
 def refusal(error: ClientError) -> str:
     """One sentence for an EC2 call AWS refused: which call, AWS's code and words, what to do."""
     details = error.response.get("Error", {})
     code = details.get("Code", "") or "error"
     words = " ".join(str(details.get("Message", "")).split())  # one line, whatever AWS sent
     operation = error.operation_name
-    if code in _DENIED_CODES:
+    if code in DENIED_CODES:
         fix = f"grant your IAM user ec2:{operation} (an admin of the account can)"
-    elif code in _AUTH_CODES:
+    elif code in AUTH_CODES:
         fix = "check the access_keyfile and secret_access_keyfile files (in CLAP_PATH/private) named by providers.yaml"
     else:
         fix = "fix what AWS names, or see the EC2 console"
@@ -261,14 +232,14 @@ def terminate_and_wait(client: BaseClient, instance_ids: Sequence[str], timeout:
         try:
             client.terminate_instances(InstanceIds=to_terminate)
         except ClientError as e:
-            if e.response.get("Error", {}).get("Code", "") not in _NOT_FOUND_CODES:
+            if e.response.get("Error", {}).get("Code", "") not in NOT_FOUND_CODES:
                 raise
             # One vanished between the two calls: terminate the rest one by one.
             for iid in to_terminate:
                 try:
                     client.terminate_instances(InstanceIds=[iid])
                 except ClientError as e2:
-                    if e2.response.get("Error", {}).get("Code", "") not in _NOT_FOUND_CODES:
+                    if e2.response.get("Error", {}).get("Code", "") not in NOT_FOUND_CODES:
                         raise
     pause = 1.0
     while alive:
@@ -281,89 +252,6 @@ def terminate_and_wait(client: BaseClient, instance_ids: Sequence[str], timeout:
             raise AwsError(f"instances not terminated after {timeout:.0f} s: {still}")
         time.sleep(min(pause, left))
         pause = min(pause * 2, 10.0)
-
-
-def _covers_all_tcp(perm: dict[str, Any]) -> bool:
-    if perm.get("IpProtocol") == "-1":
-        return True
-    return perm.get("IpProtocol") == "tcp" and perm.get("FromPort", 0) <= 0 and perm.get("ToPort", 0) >= 65535
-
-
-def groups_closed_to_members(client: BaseClient, group_name: str) -> list[str] | None:
-    """The ids of the security groups named `group_name` whose members cannot reach each other on
-    every TCP port (gloo opens random ports); None if there is no such group.
-
-    An all-TCP inbound rule whose source is the group itself or 0.0.0.0/0 opens them. CLAP's own
-    group template opens only 22/80/443. With several groups of that name (one per VPC) each
-    must have it.
-    """
-    groups = client.describe_security_groups(Filters=[{"Name": "group-name", "Values": [group_name]}])["SecurityGroups"]
-    if not groups:
-        return None
-
-    def open_to_members(group: dict[str, Any]) -> bool:
-        for perm in group.get("IpPermissions", []):
-            if not _covers_all_tcp(perm):
-                continue
-            if any(p.get("GroupId") == group["GroupId"] for p in perm.get("UserIdGroupPairs", [])):
-                return True
-            if any(r.get("CidrIp") == "0.0.0.0/0" for r in perm.get("IpRanges", [])):
-                return True
-        return False
-
-    return [group["GroupId"] for group in groups if not open_to_members(group)]
-
-
-def key_pair_exists(client: BaseClient, name: str) -> bool:
-    try:
-        return bool(client.describe_key_pairs(KeyNames=[name])["KeyPairs"])
-    except ClientError as error:
-        if error.response.get("Error", {}).get("Code") == "InvalidKeyPair.NotFound":
-            return False
-        raise
-
-
-def resolve_image(session: boto3.session.Session, image_id: str) -> str:
-    """An AMI id: `resolve:ssm:<parameter>` (AWS's syntax) is read from that public SSM parameter,
-    such as Canonical's current Ubuntu LTS; anything else is the AMI id itself."""
-    if not image_id.startswith(SSM_IMAGE):
-        return image_id
-    name = image_id[len(SSM_IMAGE):]
-    try:
-        return client(session, "ssm").get_parameter(Name=name)["Parameter"]["Value"]
-    except ClientError as error:
-        if error.response.get("Error", {}).get("Code") == "ParameterNotFound":
-            raise AwsError(f"the SSM parameter {name} does not exist in {session.region_name}: name an AMI "
-                           f"(image_id) of that region in the template instead") from None
-        raise
-
-
-def find_image(client: BaseClient, ami: str) -> dict[str, Any] | None:
-    """The AMI as EC2 describes it (RootDeviceName, Name...), or None if the region has no such AMI."""
-    try:
-        images = client.describe_images(ImageIds=[ami])["Images"]
-    except ClientError as error:
-        if error.response.get("Error", {}).get("Code") in ("InvalidAMIID.NotFound", "InvalidAMIID.Malformed",
-                                                            "InvalidAMIID.Unavailable"):
-            return None
-        raise
-    return images[0] if images else None
-
-
-def dry_run(client: BaseClient, operation: str, **params: Any) -> None:
-    """Ask EC2 whether the call would be allowed, doing nothing (DryRun). Returns when EC2 says
-    it would succeed; raises the ClientError it refuses with (UnauthorizedOperation...).
-
-    A made-up instance id (for CreateTags or TerminateInstances before any instance exists)
-    may be answered with InvalidInstanceID.NotFound, which says nothing against the permission:
-    that passes too."""
-    try:
-        getattr(client, operation)(DryRun=True, **params)
-    except ClientError as error:
-        code = error.response.get("Error", {}).get("Code", "")
-        if code == "DryRunOperation" or code in _NOT_FOUND_CODES:
-            return
-        raise
 
 
 def spot_price(client: BaseClient, instance_type: str) -> float | None:

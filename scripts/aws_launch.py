@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aws
+import aws_account
 from cluster_state import PROJECT
 from config import Settings
 from output import UserError
@@ -100,8 +101,8 @@ def run_request(launch: Launch, template: Mapping[str, Any], key_name: str, imag
 
 def image_of(session: Any, client: Any, image_id: str) -> dict[str, Any]:
     """The template's image (an AMI id, or AWS's resolve:ssm:<parameter>) as EC2 describes it."""
-    ami = aws.resolve_image(session, image_id)
-    image = aws.find_image(client, ami)
+    ami = aws_account.resolve_image(session, image_id)
+    image = aws_account.find_image(client, ami)
     if image is None:
         raise aws.AwsError(f"the AMI {ami} (image_id {image_id}) does not exist in {session.region_name}: "
                            f"name an AMI of that region in the template")

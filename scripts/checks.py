@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import local_efs
-import local_vm
+import local_tree
 from clap_configs import aws_template, check_configs
 from config import ROOT, Settings
 from output import UserError, say
@@ -93,7 +93,7 @@ def install_demo_torch(requirements: Path) -> None:
 
 def check_cloud_like(settings: Settings) -> None:
     """The cloud-like nodes' tools on this machine, and the user's app and data on the EFS stand-in."""
-    missing = local_vm.needs()
+    missing = local_tree.needs()
     if missing:
         raise UserError(f"INSTANCE_TYPE={settings.instance_type} needs {', '.join(missing)} on this machine: "
                         f"apt-get install {' '.join(missing)}.")
@@ -114,6 +114,7 @@ def check_aws(settings: Settings) -> None:
     security group, and whether the account may run, tag and terminate instances (DryRun). A wrong
     key or a missing permission fails here, not half-way through a paid cluster."""
     import aws
+    import aws_account
     from aws_launch import image_of, launch_for, owner_id, run_request
 
     template, provider, login = aws_template(settings)
@@ -147,13 +148,13 @@ def check_aws(settings: Settings) -> None:
     with aws.aws_errors():
         session = aws.session_from_clap_config(settings.clap_path, template["provider"])
         client = aws.client(session, "ec2")
-        aws.check_credentials(client)
-        if not aws.key_pair_exists(client, settings.keypair_name):
+        aws_account.check_credentials(client)
+        if not aws_account.key_pair_exists(client, settings.keypair_name):
             raise UserError(f"KEYPAIR_NAME={settings.keypair_name}: EC2 has no key pair of that name in {region}: "
                             f"import key.pub there (EC2 console > Key pairs > Import) or name an existing one.")
         image = image_of(session, client, str(template["image_id"]))
         group = template.get("security_group")
-        closed = aws.groups_closed_to_members(client, group) if group else []
+        closed = aws_account.groups_closed_to_members(client, group) if group else []
     if closed is None:
         raise UserError(f"security group {group} (INSTANCE_TYPE={settings.instance_type} in {instances_file}) does "
                         f"not exist in {region}: create it with an all-TCP rule from the group itself, or name an "
@@ -166,9 +167,10 @@ def check_aws(settings: Settings) -> None:
     launch = launch_for(settings, {"cluster_id": "c-check", "created": time.time()}, owner_id(settings) or "o-check")
     made_up = "i-0123456789abcdef0"  # no instance of ours may exist yet: EC2 checks the permission first
     with aws.aws_errors():
-        aws.dry_run(client, "run_instances", **run_request(launch, template, settings.keypair_name, image, 1))
-        aws.dry_run(client, "create_tags", Resources=[made_up], Tags=[{"Key": aws.TAG_PROJECT, "Value": "check"}])
-        aws.dry_run(client, "terminate_instances", InstanceIds=[made_up])
+        aws_account.dry_run(client, "run_instances", **run_request(launch, template, settings.keypair_name, image, 1))
+        aws_account.dry_run(client, "create_tags", Resources=[made_up],
+                            Tags=[{"Key": aws.TAG_PROJECT, "Value": "check"}])
+        aws_account.dry_run(client, "terminate_instances", InstanceIds=[made_up])
 
 
 def check_private(path: Path) -> None:

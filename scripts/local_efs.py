@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 
 from config import ROOT, Settings
 from local_hosts import LocalHosts
-from local_vm import CACHE
+from local_tree import CACHE
 from output import UserError, say
 
 DEMO = ROOT / "demo"

@@ -38,6 +38,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import asdict
 from pathlib import Path
 
+import local_tree
 import local_vm
 from local_netns import (
     SBIN,
@@ -116,7 +117,7 @@ class LocalHosts:
     # -- create ------------------------------------------------------------
     def create(self, count: int, authorized_key: str, kind: str = "netns") -> list[Host]:
         """Start `count` new hosts of `kind` (netns or vm) that accept `authorized_key` for their login:
-        root on netns hosts, local_vm.LOGIN_USER (a sudoer) on vm nodes."""
+        root on netns hosts, local_tree.LOGIN_USER (a sudoer) on vm nodes."""
         if os.geteuid() != 0:
             raise LocalHostError("the local cluster needs root (network namespaces): run as root, e.g. sudo make up.")
         if not Path(SSHD).exists():
@@ -153,8 +154,8 @@ class LocalHosts:
 
     def _os_tree(self) -> Path:
         try:
-            return local_vm.OsTree(local_vm.CACHE).ensure()
-        except local_vm.VmError as error:
+            return local_tree.OsTree(local_tree.CACHE).ensure()
+        except local_tree.VmError as error:
             raise LocalHostError(str(error)) from None
 
     def _free_address(self, hosts: list[Host], last: bool = False) -> str:
@@ -186,7 +187,7 @@ class LocalHosts:
         local_vm.prepare_root(tree, root, hostname=host.name, authorized_key=authorized_key,
                               proxy=local_vm.proxy_url(self.gateway), efs_key=self.efs_key,
                               efs_known_host=" ".join([efs.address, *efs_host_key]))
-        host.pid = local_vm.boot(root, local_vm.OsTree(local_vm.CACHE).base_image, host.namespace, host.name,
+        host.pid = local_vm.boot(root, local_tree.OsTree(local_tree.CACHE).base_image, host.namespace, host.name,
                                  Path(host.state_dir) / "boot.log")
 
     def _start_sshd(self, host: Host, authorized_key: str, export: Path | None = None) -> None:

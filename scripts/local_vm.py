@@ -1,7 +1,7 @@
 """Cloud-like local nodes: a whole Debian per node, booted by systemd-nspawn.
 
 A node of the `vm` flavor is what an EC2 instance is to the role: its own root
-filesystem (a copy of one Debian tree, made once with debootstrap and cached),
+filesystem (a copy of local_tree's Debian, made once with debootstrap and cached),
 its own init (systemd as its PID 1), sshd, users (a sudoer `ubuntu`, as on an
 Ubuntu AMI), package database and, once the role installs it, its own Docker.
 It boots inside the network namespace of a local host (local_hosts.py makes
@@ -14,31 +14,18 @@ Everything here runs as root on this machine and is removed by `stop`.
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import json
 import os
 import shutil
 import signal
 import subprocess
-import tarfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-# The Debian tree and its base image (about 600 MB), kept outside any checkout: every clone and CI run
-# on this machine shares one.
-CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dcgan-clap"
-SUITE = "bookworm"
-# What an Ubuntu cloud image has that the role relies on: systemd, sshd, sudo, Python with apt's
-# bindings (Ansible's apt module), pip and the CA bundle. Nothing of what the role installs itself.
-PACKAGES = ("systemd", "systemd-sysv", "dbus", "openssh-server", "iproute2", "python3", "python3-apt",
-            "python3-pip", "sudo", "ca-certificates")
-LOGIN_USER = "ubuntu"
-# The Dockerfiles' FROM lines the nodes can build on without a registry: the node's own Debian, imported
-# as an image under these names (the upstream app's Dockerfile says ubuntu:20.04; ours, debian:bookworm).
-BASE_IMAGE_TAGS = ("debian:bookworm", "ubuntu:20.04")
-BASE_IMAGE_IN_NODE = "/var/lib/dcgan/base-image.tar"
+from local_netns import run
+from local_tree import BASE_IMAGE_IN_NODE, LOGIN_USER, VmError
+
 EFS_KEY_IN_NODE = "/etc/dcgan/efs_key"
 # How a node mounts the EFS stand-in (the role's efs_* vars): sshfs, as root of the stand-in's SFTP.
 # dir_cache=no: the ranks' watchdogs meet through small files in the run folder, and sshfs would
@@ -50,121 +37,10 @@ EFS_MOUNT = {
     "efs_packages": ["sshfs"],
 }
 PROXY_PORT = 8888
-BUILD_DEADLINE_S = 900
 NSPAWN_STATE = Path("/run/systemd/nspawn")
 CGROUPS = Path("/sys/fs/cgroup")
 STOP_DEADLINE_S = 10.0
 DISK_GB = 40  # each node's root volume, as the EC2 templates' boot_disk_size
-
-# Imports the base image when Docker starts, before the role's first build can ask for it: the
-# image a cloud node would pull from a registry.
-BASE_IMAGE_UNIT = f"""\
-[Service]
-ExecStartPost=/bin/sh -c 'docker image inspect {BASE_IMAGE_TAGS[0]} >/dev/null 2>&1 || {{ \
-id=$(docker import {BASE_IMAGE_IN_NODE}) && for tag in {" ".join(BASE_IMAGE_TAGS)}; do docker tag $id $tag; done; }}'
-"""
-
-
-class VmError(RuntimeError):
-    """A cloud-like node could not be made or removed; the message says what to do."""
-
-
-def _run(*cmd: str, timeout: float | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=timeout)
-
-
-def _mirror() -> str:
-    """The Debian mirror this machine's apt uses (the nodes reach it through the proxy)."""
-    for sources in [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]:
-        try:
-            text = sources.read_text()
-        except OSError:
-            continue
-        for line in text.splitlines():
-            words = line.split()
-            if words[:1] == ["deb"] and len(words) > 1:
-                return next(w for w in words[1:] if not w.startswith("["))
-            if words[:1] == ["URIs:"] and len(words) > 1 and "security" not in words[1]:
-                return words[1]
-    return "http://deb.debian.org/debian"
-
-
-def needs() -> list[str]:
-    """The Debian packages this machine lacks for cloud-like nodes (empty: all there)."""
-    tools = {"debootstrap": "debootstrap", "systemd-nspawn": "systemd-container", "tinyproxy": "tinyproxy",
-             "sshfs": "sshfs"}
-    return [package for tool, package in tools.items() if not shutil.which(tool, path=os.environ["PATH"]
-                                                                            + ":/usr/sbin:/sbin")]
-
-
-class OsTree:
-    """The Debian tree every node copies, and the base image made from it: built once, cached."""
-
-    def __init__(self, cache_dir: Path) -> None:
-        # A change to what goes into the tree makes a new one.
-        recipe = " ".join((SUITE, *PACKAGES, LOGIN_USER, BASE_IMAGE_UNIT, inspect.getsource(OsTree._configure)))
-        recipe = hashlib.sha1(recipe.encode()).hexdigest()[:10]
-        self.dir = Path(cache_dir) / f"debian-{SUITE}-{recipe}"
-        self.tree = self.dir / "tree"
-        self.base_image = self.dir / "base-image.tar"
-
-    def ensure(self) -> Path:
-        """The tree, built now if it is not in the cache (about a minute and a half; 300 MB)."""
-        if not (self.dir / "complete").exists():
-            self._build()
-        return self.tree
-
-    def _build(self) -> None:
-        missing = needs()
-        if missing:
-            raise VmError(f"cloud-like nodes need {', '.join(missing)}: apt-get install {' '.join(missing)}.")
-        work = self.dir.with_name(self.dir.name + f".{os.getpid()}.tmp")
-        shutil.rmtree(work, ignore_errors=True)
-        tree = work / "tree"
-        try:
-            _run("debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE, str(tree),
-                 _mirror(), timeout=BUILD_DEADLINE_S)
-        except subprocess.CalledProcessError as error:
-            shutil.rmtree(work, ignore_errors=True)
-            tail = (error.stdout + error.stderr).strip().splitlines()[-1:]
-            raise VmError(f"debootstrap of Debian {SUITE} failed ({' '.join(tail)}): is the Debian mirror "
-                          f"{_mirror()} reachable?") from None
-        self._configure(tree)
-        with tarfile.open(work / "base-image.tar", "w") as image:  # the tree as Docker imports it
-            image.add(tree, arcname=".")
-        (work / "complete").touch()
-        shutil.rmtree(self.dir, ignore_errors=True)
-        os.replace(work, self.dir)
-        for older in self.dir.parent.glob(f"debian-{SUITE}-*"):  # trees of an earlier recipe
-            if older != self.dir and not older.name.endswith(".tmp"):
-                shutil.rmtree(older, ignore_errors=True)
-
-    @staticmethod
-    def _configure(tree: Path) -> None:
-        """What a cloud image adds to a plain Debian: the login user, the CA, the base-image hook."""
-        chroot = ("chroot", str(tree))
-        _run(*chroot, "useradd", "--create-home", "--shell", "/bin/bash", LOGIN_USER)
-        (tree / "etc" / "sudoers.d" / "90-cloud-user").write_text(f"{LOGIN_USER} ALL=(ALL) NOPASSWD:ALL\n")
-        # pip and Docker's builds inside the node trust what this machine trusts (its CA may intercept TLS).
-        shutil.copy("/etc/ssl/certs/ca-certificates.crt", tree / "usr/local/share/ca-certificates/host.crt")
-        _run(*chroot, "update-ca-certificates")
-        # pip installs into the system Python, as on the Ubuntu 20.04 of upstream's Dockerfile (Debian 12
-        # refuses it by default: PEP 668), whose image is this tree.
-        for marker in (tree / "usr/lib").glob("python3*/EXTERNALLY-MANAGED"):
-            marker.unlink()
-        # No per-user systemd: it cannot start in a container on cgroup v1 ("Failed to allocate manager
-        # object"), and every SSH login would wait for its start, up to a minute and a half.
-        (tree / "etc/systemd/system/user@.service").symlink_to("/dev/null")
-        drop_in = tree / "etc/systemd/system/docker.service.d"
-        drop_in.mkdir(parents=True)
-        (drop_in / "dcgan-base-image.conf").write_text(BASE_IMAGE_UNIT)
-        # Nothing of the build's caches: the image and every node copy carry the tree.
-        _run(*chroot, "apt-get", "clean")
-        lists = tree / "var/lib/apt/lists"
-        for index in lists.glob("*_*"):
-            index.unlink()
-        # As old as a cloud image's: apt's cache_valid_time then updates it first, as it would on EC2.
-        os.utime(lists, (0, 0))
 
 
 def prepare_root(tree: Path, root: Path, *, hostname: str, authorized_key: str, proxy: str, efs_key: Path,
@@ -173,12 +49,12 @@ def prepare_root(tree: Path, root: Path, *, hostname: str, authorized_key: str, 
     proxy, and the key and host key of the EFS stand-in (efs_known_host: a known_hosts line)."""
     _remove_disk(root)
     _make_disk(root)
-    _run("cp", "-a", f"{tree}/.", str(root))
+    run("cp", "-a", f"{tree}/.", str(root))
     (root / "etc/hostname").write_text(hostname + "\n")
     # A host key of its own (the tree's came with its openssh-server, the same in every copy).
     for key in (root / "etc/ssh").glob("ssh_host_*"):
         key.unlink()
-    _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", hostname, "-f",
+    run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", hostname, "-f",
          str(root / "etc/ssh/ssh_host_ed25519_key"))
     (root / "etc/resolv.conf").unlink(missing_ok=True)
     (root / "etc/resolv.conf").write_text("")  # no DNS here: lookups fail at once (names are in /etc/hosts)
@@ -218,7 +94,7 @@ def boot(root: Path, base_image: Path, namespace: str, name: str, log: Path) -> 
     """
     _ensure_nspawn_state()
     # The node's Docker needs IP forwarding, and nspawn gives it a read-only /proc/sys.
-    _run("ip", "netns", "exec", namespace, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+    run("ip", "netns", "exec", namespace, "sysctl", "-qw", "net.ipv4.ip_forward=1")
     groups = _make_cgroups(name)
     nspawn = ["systemd-nspawn", "--quiet", "-D", str(root), "-M", name, "--boot", "--register=no", "--keep-unit",
               f"--network-namespace-path=/run/netns/{namespace}", "--resolv-conf=off", "--timezone=off",
@@ -256,14 +132,14 @@ def _disk(root: Path) -> Path:
 def _make_disk(root: Path) -> None:
     with open(_disk(root), "wb") as disk:
         disk.truncate(DISK_GB << 30)  # sparse: it takes only what the node writes
-    _run("mkfs.ext4", "-q", "-F", "-m", "0", str(_disk(root)))
+    run("mkfs.ext4", "-q", "-F", "-m", "0", str(_disk(root)))
     root.mkdir(parents=True, exist_ok=True)
-    _run("mount", "-o", "loop", str(_disk(root)), str(root))
+    run("mount", "-o", "loop", str(_disk(root)), str(root))
 
 
 def _remove_disk(root: Path) -> None:
     if subprocess.run(["mountpoint", "-q", str(root)]).returncode == 0:
-        _run("umount", str(root))  # its loop device goes with it (mount -o loop sets autoclear)
+        run("umount", str(root))  # its loop device goes with it (mount -o loop sets autoclear)
     shutil.rmtree(root, ignore_errors=True)
     _disk(root).unlink(missing_ok=True)
 
@@ -289,7 +165,7 @@ def _ensure_nspawn_state() -> None:
     # them; on a machine whose PID 1 is not systemd nobody mounted the tmpfs it expects.
     NSPAWN_STATE.mkdir(parents=True, exist_ok=True)
     if subprocess.run(["mountpoint", "-q", str(NSPAWN_STATE)]).returncode != 0:
-        _run("mount", "-t", "tmpfs", "-o", "mode=0755", "dcgan-nspawn", str(NSPAWN_STATE))
+        run("mount", "-t", "tmpfs", "-o", "mode=0755", "dcgan-nspawn", str(NSPAWN_STATE))
 
 
 def release_nspawn_state() -> None:

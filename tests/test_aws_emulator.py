@@ -81,6 +81,7 @@ sys.path.insert(0, os.environ["SCRIPTS_DIR"])
 if os.environ.get("CLAP"):
     sys.path.insert(0, os.environ["CLAP"])
 import aws
+import aws_account
 CLAP_PATH = Path(os.environ["CLAP_PATH"])
 ec2 = aws.ec2_client_from_clap_config(CLAP_PATH, "aws-emu")
 def out(obj):
@@ -136,10 +137,10 @@ def clap_ok() -> None:
 def test_emulator_serves_every_client_and_canonicals_ubuntu_lts(emulator: Ec2Emulator, tmp_path: Path) -> None:
     body = f"""
     session = aws.session_from_clap_config(CLAP_PATH, "aws-emu")
-    ami = aws.resolve_image(session, "resolve:ssm:{UBUNTU_LTS_PARAMETER}")
-    image = aws.find_image(ec2, ami)
+    ami = aws_account.resolve_image(session, "resolve:ssm:{UBUNTU_LTS_PARAMETER}")
+    image = aws_account.find_image(ec2, ami)
     out({{"ami": ami, "root": image["RootDeviceName"], "owner": image["OwnerId"],
-          "unknown": aws.find_image(ec2, "ami-0000000000000dead"), "endpoint": ec2.meta.endpoint_url,
+          "unknown": aws_account.find_image(ec2, "ami-0000000000000dead"), "endpoint": ec2.meta.endpoint_url,
           "ssm": aws.client(session, "ssm").meta.endpoint_url}})
     """
     write_clap_config(tmp_path, access_key=ACCESS_KEY, secret_key=SECRET_KEY)
@@ -278,11 +279,11 @@ def test_security_group_open_to_its_members(emulator: Ec2Emulator, clap_path: Pa
     gid = ec2.create_security_group(GroupName="intra", Description="x")["GroupId"]
     ec2.authorize_security_group_ingress(GroupId=gid, IpPermissions=[
         {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}])
-    before = aws.groups_closed_to_members(ec2, "intra")
+    before = aws_account.groups_closed_to_members(ec2, "intra")
     ec2.authorize_security_group_ingress(GroupId=gid, IpPermissions=[
         {"IpProtocol": "tcp", "FromPort": 0, "ToPort": 65535, "UserIdGroupPairs": [{"GroupId": gid}]}])
-    after = aws.groups_closed_to_members(ec2, "intra")
-    out([before == [gid], after, aws.groups_closed_to_members(ec2, "no-such-group")])
+    after = aws_account.groups_closed_to_members(ec2, "intra")
+    out([before == [gid], after, aws_account.groups_closed_to_members(ec2, "no-such-group")])
     """
     assert run_snippet(emulator, clap_path, body) == [True, [], None]
 
@@ -309,7 +310,7 @@ def test_check_credentials(tmp_path: Path) -> None:
         req = urllib.request.Request(os.environ["AWS_ENDPOINT_URL"] + "/moto-api/reset-auth", data=count.encode(),
                                      headers={"Content-Type": "text/plain"})
         urllib.request.urlopen(req, timeout=5).read()
-    res = {"any_key": msg(lambda: aws.check_credentials(ec2))}
+    res = {"any_key": msg(lambda: aws_account.check_credentials(ec2))}
     iam = aws.session_from_clap_config(CLAP_PATH, "aws-emu").client("iam")
     for user, policy in (("ok", "ec2:*"), ("noperm", "s3:ListBucket")):
         iam.create_user(UserName=user)
@@ -321,10 +322,10 @@ def test_check_credentials(tmp_path: Path) -> None:
     try:
         good_id, good_secret = res.pop("ok")
         np_id, np_secret = res.pop("noperm")
-        res["good"] = msg(lambda: aws.check_credentials(client(good_id, good_secret)))
-        res["wrong_id"] = msg(lambda: aws.check_credentials(client("AKIAWRONGWRONGWRONG0", good_secret)))
-        res["wrong_secret"] = msg(lambda: aws.check_credentials(client(good_id, "wrong-secret")))
-        res["no_permission"] = msg(lambda: aws.check_credentials(client(np_id, np_secret)))
+        res["good"] = msg(lambda: aws_account.check_credentials(client(good_id, good_secret)))
+        res["wrong_id"] = msg(lambda: aws_account.check_credentials(client("AKIAWRONGWRONGWRONG0", good_secret)))
+        res["wrong_secret"] = msg(lambda: aws_account.check_credentials(client(good_id, "wrong-secret")))
+        res["no_permission"] = msg(lambda: aws_account.check_credentials(client(np_id, np_secret)))
     finally:
         reset_auth("inf")
     # Nothing listens on port 9 in this namespace; one attempt keeps the test short
@@ -332,7 +333,7 @@ def test_check_credentials(tmp_path: Path) -> None:
     from botocore.config import Config
     no_endpoint = aws.session_from_clap_config(CLAP_PATH, "aws-emu").client(
         "ec2", endpoint_url="http://127.0.0.1:9", config=Config(retries={"max_attempts": 1}))
-    res["no_endpoint"] = msg(lambda: aws.check_credentials(no_endpoint))
+    res["no_endpoint"] = msg(lambda: aws_account.check_credentials(no_endpoint))
     res["secrets"] = [good_secret, np_secret]
     out(res)
     """

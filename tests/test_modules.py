@@ -50,8 +50,8 @@ def test_the_circle_finder_finds_a_circle() -> None:
     assert circle_from("a", {"a": {"b"}, "b": {"c"}, "c": set()}) == []
 
 
-@pytest.mark.parametrize("module", ["output", "config", "clap_configs", "cluster_state", "cluster", "aws", "aws_launch",
-                                   "aws_nodes", "role", "run_logs"])
+@pytest.mark.parametrize("module", ["output", "config", "clap_configs", "cluster_state", "cluster", "aws",
+                                    "aws_account", "aws_launch", "aws_nodes", "role", "run_logs"])
 def test_each_shared_module_imports_alone(module: str) -> None:
     done = subprocess.run([sys.executable, "-c", f"import {module}"], cwd=SCRIPTS, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

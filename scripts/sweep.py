@@ -15,11 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
-import ipaddress
-import json
 import os
-import re
 import statistics
 import time
 from pathlib import Path
@@ -36,37 +32,36 @@ import predict
 import results
 import run
 import setup
+import sweep_plan
 import sweep_report
 import up
 from output import UserError
-
-# T-type instances (t2, t3, t3a, t4g) run on CPU credits: fast while the credits last, slow after.
-BURSTABLE = re.compile(r"t\d+[a-z]*\.")
 
 
 def main(argv: list[str] | None = None) -> int:
     argparse.ArgumentParser(description=__doc__).parse_args(argv)
     settings = config.load_settings()
-    per_type = {kind: type_settings(kind) for kind in settings.instance_types}
+    per_type = {kind: sweep_plan.type_settings(kind) for kind in settings.instance_types}
     flavors = {}
     for kind, typed in per_type.items():
         try:
             flavors[kind] = str(clap_configs.check_configs(typed).get("flavor", ""))
         except UserError as error:
             raise UserError(f"INSTANCE_TYPES={','.join(settings.instance_types)}: {error}") from None
-        check_size(typed, settings.sizes[-1])
-    plan = sweep_plan(settings)
-    folder = settings.results_dir / f"sweep-{sweep_id(plan)}"
-    record = read_record(folder, plan)
-    todo = points_to_run(settings, record)
-    ceiling = cost_ceiling(settings, per_type, record, todo)
-    burstable = [kind for kind, flavor in flavors.items() if BURSTABLE.match(flavor)] \
+        sweep_plan.check_size(typed, settings.sizes[-1])
+    plan = sweep_plan.plan(settings)
+    folder = settings.results_dir / f"sweep-{sweep_plan.sweep_id(plan)}"
+    record = sweep_plan.read_record(folder, plan)
+    todo = sweep_plan.points_to_run(settings, record)
+    ceiling = sweep_plan.cost_ceiling(settings, per_type, record, todo)
+    burstable = [kind for kind, flavor in flavors.items() if sweep_plan.BURSTABLE.match(flavor)] \
         if settings.sample_iterations else []
     if settings.dry_run:
-        show_plan(settings, record, todo, ceiling, folder, burstable)
+        sweep_plan.show_plan(settings, record, todo, ceiling, folder, burstable)
         return 0
     if ceiling is not None and ceiling > settings.max_sweep_cost:
-        raise UserError(f"the sweep's cost ceiling is ${ceiling:.2f} ({runs_to_do(settings, record, todo)} runs at "
+        runs = sweep_plan.runs_to_do(settings, record, todo)
+        raise UserError(f"the sweep's cost ceiling is ${ceiling:.2f} ({runs} runs at "
                         f"RUN_TIMEOUT={settings.run_timeout} s), above MAX_SWEEP_COST={settings.max_sweep_cost:g}: "
                         f"fewer SIZES or INSTANCE_TYPES, a lower RUN_TIMEOUT, or a higher MAX_SWEEP_COST.")
     if todo:
@@ -77,13 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         checks.preflight(settings)
     folder.mkdir(parents=True, exist_ok=True)
     with cluster_state.exclusive_file(folder / "sweep.json", "sweep"):
-        record = read_record(folder, plan)  # again, under the lock: a sweep that just ended may have written it
-        return sweep(settings, per_type, folder, record, points_to_run(settings, record), burstable)
-
-
-def points_to_run(settings: config.Settings, record: dict) -> list[tuple[str, int]]:
-    return [(kind, size) for kind in settings.instance_types for size in settings.sizes
-            if parts_to_run(settings, point(record, kind, size))]
+        # Again, under the lock: a sweep that just ended may have written it.
+        record = sweep_plan.read_record(folder, plan)
+        return sweep(settings, per_type, folder, record, sweep_plan.points_to_run(settings, record), burstable)
 
 
 def sweep(settings: config.Settings, per_type: dict, folder: Path, record: dict, todo: list[tuple[str, int]],
@@ -96,12 +87,12 @@ def sweep(settings: config.Settings, per_type: dict, folder: Path, record: dict,
             raise UserError("`make down` failed between two instance types: run `make down`, then `make sweep`.")
         output.say(f"point {number} of {len(todo)}: {size} {kind} nodes")
         record["points"][f"{kind}/{size}"] = run_point(settings, per_type[kind], kind, size, number, len(todo),
-                                                       point(record, kind, size))
+                                                       sweep_plan.point(record, kind, size))
         write_outputs(settings, folder, record, burstable)
     if todo and down.main([]) != 0:
         raise UserError("`make down` failed at the end of the sweep: run `make down` again.")
     write_outputs(settings, folder, record, burstable)
-    failed = [key for key, p in record["points"].items() if parts_to_run(settings, p)]
+    failed = [key for key, p in record["points"].items() if sweep_plan.parts_to_run(settings, p)]
     output.say(f"sweep in {folder}: {len(record['points']) - len(failed)} points done"
                + (f", failed: {', '.join(failed)}; `make sweep` again redoes them." if failed else "."))
     if burstable:
@@ -113,107 +104,6 @@ def sweep(settings: config.Settings, per_type: dict, folder: Path, record: dict,
     if pick:
         output.say(pick["line"])
     return 1 if failed else 0
-
-
-def type_settings(kind: str) -> config.Settings:
-    return config.load_settings({**os.environ, "INSTANCE_TYPE": kind})
-
-
-def check_size(settings: config.Settings, size: int) -> None:
-    """The largest size is one `make up` can start."""
-    if settings.provider == "local" and settings.ssh_hosts:
-        room, where = len(settings.ssh_hosts), "SSH_HOSTS lists"
-    elif settings.provider == "local":
-        room, where = ipaddress.ip_network(settings.local_subnet).num_addresses - 3, "LOCAL_SUBNET has room for"
-    else:
-        return
-    if size > room:
-        raise UserError(f"SIZES asks for {size} nodes but {where} {room}: lower SIZES.")
-
-
-def sweep_plan(settings: config.Settings) -> dict:
-    """What makes two sweeps the same experiment. VALIDATE adds full runs to a sampled sweep (the same
-    sweep), DEADLINE and BUDGET only read it."""
-    plan = {"provider": settings.provider, "instance_types": settings.instance_types, "sizes": settings.sizes,
-            "epochs": settings.epochs, "app": settings.dcgan_dir, "app_args": settings.app_args,
-            "data": settings.cifar_data_dir,
-            "synthetic_images": settings.synthetic_images if settings.synthetic_data else None}
-    if settings.sample_iterations:  # absent otherwise: a full sweep keeps the id it had before samples existed
-        plan["sample_iterations"] = settings.sample_iterations
-    return plan
-
-
-def sweep_id(plan: dict) -> str:
-    return hashlib.sha1(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:8]
-
-
-def read_record(folder: Path, plan: dict) -> dict:
-    path = folder / "sweep.json"
-    if not path.exists():
-        return {"plan": plan, "points": {}}
-    try:
-        return json.loads(path.read_text())
-    except ValueError:
-        raise UserError(f"{path} is damaged (not JSON): move it away; `make sweep` then runs every point "
-                        f"again.") from None
-
-
-def point(record: dict, kind: str, size: int) -> dict:
-    """A point's record: the full run's figures at the top (state, run_id, wall_seconds, ...), the
-    sample's under "sample"."""
-    return record["points"].get(f"{kind}/{size}", {})
-
-
-def parts_to_run(settings: config.Settings, done: dict) -> list[str]:
-    """What a point still needs: its sample (SAMPLE_ITERATIONS), its full run (no sample, or VALIDATE)."""
-    parts = []
-    if settings.sample_iterations and done.get("sample", {}).get("state") != "done":
-        parts.append("sample")
-    if (not settings.sample_iterations or settings.validate) and done.get("state") != "done":
-        parts.append("full")
-    return parts
-
-
-def runs_to_do(settings: config.Settings, record: dict, todo: list[tuple[str, int]]) -> int:
-    return sum(len(parts_to_run(settings, point(record, kind, size))) for kind, size in todo)
-
-
-def cost_ceiling(settings: config.Settings, per_type: dict, record: dict,
-                 todo: list[tuple[str, int]]) -> float | None:
-    """On AWS: every run still to do (a sample too) billed for RUN_TIMEOUT."""
-    if settings.provider != "aws":
-        return None
-    hourly = [(aws_nodes.hourly_cost(per_type[kind], size), len(parts_to_run(settings, point(record, kind, size))))
-              for kind, size in todo]
-    if any(price is None for price, _ in hourly):
-        raise UserError("a type of INSTANCE_TYPES has no price in clap_config/prices.yaml: add it there.")
-    return sum(price * runs for price, runs in hourly) * settings.run_timeout / 3600
-
-
-def show_plan(settings: config.Settings, record: dict, todo: list[tuple[str, int]], ceiling: float | None,
-              folder: Path, burstable: list[str]) -> None:
-    sample = f"a sample of {settings.sample_iterations} iterations past the first per point" \
-        + (", and each in full (VALIDATE)" if settings.validate else "") if settings.sample_iterations else ""
-    print(f"DRY RUN: sweep {folder.name}: {settings.epochs} epochs per run{', ' + sample if sample else ''}, "
-          f"{len(todo)} of {len(settings.sizes) * len(settings.instance_types)} points to run")
-    nodes = 0
-    for number, (kind, size) in enumerate(todo, start=1):
-        nodes = 0 if number > 1 and todo[number - 2][0] != kind else nodes
-        parts = parts_to_run(settings, point(record, kind, size))
-        print(f"  point {number} of {len(todo)}: {kind}, {size} nodes (ranks 0..{size - 1}); "
-              f"starts {max(0, size - nodes)} nodes" + ("" if parts == ["full"] else f"; runs: {' then '.join(parts)}"))
-        nodes = max(nodes, size)
-    for key, done in record["points"].items():
-        if not parts_to_run(settings, done):
-            runs = [run_id for run_id in (done.get("sample", {}).get("run_id"), done.get("run_id")) if run_id]
-            print(f"  done before: {key} (run {', '.join(runs)})")
-    if ceiling is not None:
-        verdict = "within" if ceiling <= settings.max_sweep_cost else "ABOVE: `make sweep` refuses it, over"
-        print(f"  cost ceiling ${ceiling:.2f} (every run at RUN_TIMEOUT={settings.run_timeout} s), {verdict} "
-              f"MAX_SWEEP_COST={settings.max_sweep_cost:g}")
-    if burstable:
-        print(f"  {sweep_report.burstable_note(burstable)}")
-    print("  then `make down`. Nothing was started or written.")
 
 
 def run_point(settings: config.Settings, typed: config.Settings, kind: str, size: int, number: int,
@@ -230,7 +120,7 @@ def run_point(settings: config.Settings, typed: config.Settings, kind: str, size
     state["sweep"] = {"point": number, "of": points, "type": kind, "size": size}
     cluster_state.write_state(settings, state)
     before = before or {}
-    parts = parts_to_run(settings, before)
+    parts = sweep_plan.parts_to_run(settings, before)
     full = {name: value for name, value in before.items()
             if name not in ("type", "size", "sample", "setup_seconds", "hourly_usd")}
     sample = before.get("sample")

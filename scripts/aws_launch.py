@@ -86,6 +86,12 @@ def run_request(launch: Launch, template: Mapping[str, Any], key_name: str, imag
     }
     if template.get("security_group"):
         request["SecurityGroups"] = [template["security_group"]]
+    subnets = template.get("network_ids") or []
+    if len(subnets) > 1:
+        raise aws.AwsError(f"the instances.yaml template of {template['flavor']} lists {len(subnets)} network_ids "
+                           f"({', '.join(subnets)}): name the one subnet its nodes start in.")
+    if subnets:  # the nodes' subnet (a VPN or bastion reaches their private addresses); else the default VPC's
+        request["SubnetId"] = subnets[0]
     if template.get("boot_disk_size"):
         request["BlockDeviceMappings"] = [{
             "DeviceName": template.get("boot_disk_device") or image["RootDeviceName"],

@@ -260,6 +260,23 @@ def test_the_spot_request_asks_for_the_max_price(project: dict) -> None:
                                                                  "RootDeviceName": "/dev/sda1"}, 2)
 
 
+def test_the_template_network_ids_is_the_subnet_the_nodes_start_in(project: dict) -> None:
+    import aws
+    import aws_launch
+    import config
+
+    settings = config.load_settings({**project, "PROVIDER": "aws"})
+    launch = aws_launch.launch_for(settings, {"cluster_id": "c-1", "created": 0.0}, "o-" + "0" * 16)
+    image = {"ImageId": "ami-1", "RootDeviceName": "/dev/sda1"}
+    template = {"flavor": "t2.medium", "security_group": GROUP}
+    assert "SubnetId" not in aws_launch.run_request(launch, template, KEYPAIR, image, 2)  # the default VPC's
+    request = aws_launch.run_request(launch, {**template, "network_ids": ["subnet-1"]}, KEYPAIR, image, 2)
+    assert request["SubnetId"] == "subnet-1"
+    with pytest.raises(aws.AwsError, match=r"the instances.yaml template of t2.medium lists 2 network_ids "
+                                           r"\(subnet-1, subnet-2\): name the one subnet its nodes start in."):
+        aws_launch.run_request(launch, {**template, "network_ids": ["subnet-1", "subnet-2"]}, KEYPAIR, image, 2)
+
+
 def test_a_refused_launch_is_one_sentence_and_boto_is_never_imported(aws_env: dict, emulator: Ec2Emulator) -> None:
     """EC2 refuses RunInstances itself (the key pair went away after `make check` looked)."""
     aws_env["CLAP"] = str(clap_checkout())

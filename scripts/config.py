@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PROGRESS_EVERY_S = 10  # seconds between two progress reports of a run
 SAMPLE_AT_LEAST = 8  # a sweep's sample: 3 warm-up iterations (predict.py), then 5 steps for a pace and a spread
 
+EFS_FSTYPES = ("nfs4", "fuse.sshfs")  # the filesystems the role's EFS tasks mount (and install the client of)
 CLOUD_LIKE = {  # as on AWS: the app and data on the (stand-in) EFS, the app in Docker
     "RUNNER": "docker",
     "EFS_MOUNT_POINT": "/home/ubuntu/efs",
@@ -70,6 +71,8 @@ class Settings:
     nodes_file: Path
     runner: str
     efs_host: str
+    efs_fstype: str
+    efs_mount_options: str
     efs_mount_point: str
     user_dir: str
     dcgan_dir: str
@@ -177,6 +180,13 @@ def _app_args(value: str) -> str:
     return value
 
 
+def _efs_fstype(value: str) -> str:
+    if value not in EFS_FSTYPES:
+        raise UserError(f"EFS_FSTYPE={value!r} is unknown: use EFS_FSTYPE=nfs4 (EFS, NFS 4.1) or EFS_FSTYPE=fuse.sshfs "
+                        f"(a shared folder served over SFTP).")
+    return value
+
+
 def _sizes(value: str) -> list[int]:
     sizes = []
     for part in value.split(","):
@@ -268,6 +278,8 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         nodes_file=Path(raw["NODES_FILE"]).resolve(),
         runner=raw["RUNNER"],
         efs_host=raw["EFS_HOST"],
+        efs_fstype=_efs_fstype(raw["EFS_FSTYPE"].strip()),
+        efs_mount_options=raw["EFS_MOUNT_OPTIONS"].strip(),
         efs_mount_point=local_path("EFS_MOUNT_POINT"),
         user_dir=local_path("USER_DIR"),
         dcgan_dir=local_path("DCGAN_DIR"),

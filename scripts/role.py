@@ -34,8 +34,11 @@ def role_vars(settings: Settings, state: dict, action: str, run_id: str = "") ->
               "runner": settings.runner, "dcgan_dir": settings.dcgan_dir,
               "cifar_data_dir": settings.cifar_data_dir, "dcgan_python": settings.dcgan_python}
     if action == "setup":
-        # EFS_HOST of the user's, else the filesystem the provider made with the nodes (and how to mount it).
-        efs = {"efs_host": settings.efs_host} if settings.efs_host else state.get("efs", {"efs_host": ""})
+        # EFS_HOST of the user's (mounted as EFS_FSTYPE says), else the filesystem the provider made with the
+        # nodes (and how to mount it).
+        efs = {"efs_host": settings.efs_host, "efs_fstype": settings.efs_fstype,
+               **({"efs_mount_options": settings.efs_mount_options} if settings.efs_mount_options else {})} \
+            if settings.efs_host else state.get("efs", {"efs_host": ""})
         return {**shared, **efs,
                 # MAX_HOURS: on EC2 a node's own shutdown terminates it; a cloud-like local node plays it too.
                 "shutdown_after_minutes": lifetime_minutes(settings, state)

@@ -22,7 +22,7 @@ CLOUD_VARS = {
 
 
 def render(tmp_path: Path, **extra: object) -> dict[str, dict[str, str]]:
-    """dcgan_build_command and dcgan_rank_command for two nodes, as the playbooks see them."""
+    """dcgan_build_command, dcgan_rank_command and how EFS is mounted, for two nodes, as the playbooks see them."""
     playbook = tmp_path / "render.yaml"
     playbook.write_text(f"""
 - hosts: all
@@ -31,7 +31,8 @@ def render(tmp_path: Path, **extra: object) -> dict[str, dict[str, str]]:
   tasks:
     - ansible.builtin.copy:
         dest: "{tmp_path}/{{{{ inventory_hostname }}}}.json"
-        content: "{{{{ {{'build': dcgan_build_command, 'rank': dcgan_rank_command}} | to_json }}}}"
+        content: "{{{{ {{'build': dcgan_build_command, 'rank': dcgan_rank_command,
+                     'mount': [efs_source, efs_fstype, efs_mount_options, efs_packages]}} | to_json }}}}"
         mode: "0644"
       delegate_to: localhost
 """)
@@ -160,3 +161,11 @@ exit 2
     done = play_setup(tmp_path, "Look at the app's Dockerfile and code", path=f"{shims}:", runner="docker")
     assert done.returncode == 0, done.stdout + done.stderr
     assert (tmp_path / "built").read_text().startswith(f"DOCKER_BUILDKIT={buildkit} build -t dcgan:")
+
+
+def test_efs_is_mounted_as_nfs_41_unless_efs_fstype_says_sshfs(tmp_path: Path) -> None:
+    nfs = render(tmp_path, efs_host="172.31.16.10")["node-a"]["mount"]
+    assert nfs == ["172.31.16.10:/", "nfs4", "nfsvers=4.1,rsize=1048576,wsize=1048576,hard,timeo=600,retrans=2,"
+                   "noresvport,_netdev", ["nfs-common"]]
+    sftp = render(tmp_path, efs_host="root@10.0.0.9", efs_fstype="fuse.sshfs")["node-a"]["mount"]
+    assert sftp == ["root@10.0.0.9:/", "fuse.sshfs", "_netdev", ["sshfs"]]

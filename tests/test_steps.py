@@ -58,6 +58,7 @@ BAD_SETTINGS = [
     ({"SPOT_MAX_PRICE": "cheap"}, "SPOT_MAX_PRICE='cheap' must be US dollars per hour above 0: set it like "
                                   "SPOT_MAX_PRICE=0.05"),
     ({"SPOT_MAX_PRICE": "0"}, "SPOT_MAX_PRICE='0' must be US dollars per hour above 0"),
+    ({"EFS_FSTYPE": "nfs"}, "EFS_FSTYPE='nfs' is unknown: use EFS_FSTYPE=nfs4 (EFS, NFS 4.1) or EFS_FSTYPE=fuse.sshfs"),
 ]
 
 
@@ -94,6 +95,18 @@ def test_provider_defaults_fill_empty_settings() -> None:
     assert (aws.instance_type, aws.runner, aws.user_dir) == ("type-t2.medium", "docker", "/home/ubuntu/efs/dcgan")
     local = config.load_settings({"ENV_FILE": os.devnull})
     assert (local.instance_type, local.runner, local.synthetic_data) == ("type-local", "native", True)
+
+
+def test_efs_host_of_the_user_is_mounted_as_efs_fstype_says() -> None:
+    state = {"nodes": [], "created": 0.0, "efs": {"efs_host": "10.0.0.9", "efs_fstype": "fuse.sshfs"}}
+    nfs = config.load_settings({"ENV_FILE": os.devnull, "PROVIDER": "aws", "EFS_HOST": "172.31.16.10"})
+    setup = role.role_vars(nfs, state, "setup")
+    assert (setup["efs_host"], setup["efs_fstype"]) == ("172.31.16.10", "nfs4") and "efs_mount_options" not in setup
+    sftp = config.load_settings({"ENV_FILE": os.devnull, "PROVIDER": "aws", "EFS_HOST": "root@10.0.0.9",
+                                 "EFS_FSTYPE": "fuse.sshfs", "EFS_MOUNT_OPTIONS": "reconnect,_netdev"})
+    setup = role.role_vars(sftp, state, "setup")
+    assert (setup["efs_host"], setup["efs_fstype"], setup["efs_mount_options"]) == \
+        ("root@10.0.0.9", "fuse.sshfs", "reconnect,_netdev")
 
 
 def test_setup_run_results_refuse_without_nodes(project: dict) -> None:

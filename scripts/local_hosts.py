@@ -115,9 +115,10 @@ class LocalHosts:
         return self.state_dir / "efs_key"
 
     # -- create ------------------------------------------------------------
-    def create(self, count: int, authorized_key: str, kind: str = "netns") -> list[Host]:
+    def create(self, count: int, authorized_key: str, kind: str = "netns", at: str | None = None) -> list[Host]:
         """Start `count` new hosts of `kind` (netns or vm) that accept `authorized_key` for their login:
-        root on netns hosts, local_tree.LOGIN_USER (a sudoer) on vm nodes."""
+        root on netns hosts, local_tree.LOGIN_USER (a sudoer) on vm nodes. `at`: the one host's address
+        (as a cloud hands out an instance's), else the subnet's first free ones."""
         if os.geteuid() != 0:
             raise LocalHostError("the local cluster needs root (network namespaces): run as root, e.g. sudo make up.")
         if not Path(SSHD).exists():
@@ -130,7 +131,7 @@ class LocalHosts:
                 if tree and not any(h.kind == "efs" for h in hosts):
                     self._start_services(hosts, made)
                 for _ in range(count):
-                    host = self._new_host(self._free_address(hosts), kind)
+                    host = self._new_host(self._address(hosts, at, count), kind)
                     made.append(host)  # before any of it exists: a Ctrl-C half-way is cleaned up too
                     if tree:
                         self._start_vm(host, tree, authorized_key, next(h for h in hosts if h.kind == "efs"))
@@ -157,6 +158,15 @@ class LocalHosts:
             return local_tree.OsTree(local_tree.CACHE).ensure()
         except local_tree.VmError as error:
             raise LocalHostError(str(error)) from None
+
+    def _address(self, hosts: list[Host], at: str | None, count: int) -> str:
+        if at is None:
+            return self._free_address(hosts)
+        if count != 1 or ipaddress.ip_address(at) not in self.network or at == self.gateway \
+                or at in {h.address for h in hosts}:
+            raise LocalHostError(f"{at} is not one free address of LOCAL_SUBNET={self.network} (not its gateway "
+                                 f"{self.gateway}): ask for one host at an address no host of the subnet has.")
+        return at
 
     def _free_address(self, hosts: list[Host], last: bool = False) -> str:
         taken = {h.address for h in hosts} | {self.gateway}

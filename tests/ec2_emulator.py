@@ -9,7 +9,10 @@ Why it looks like this:
   as AWS's public parameter names the current Ubuntu LTS AMI.
 - Nothing here may reach the outside: the server and every client run inside a
   fresh network namespace that has only `lo`.  The instances' "public" IPs are
-  fake; never connect to them.
+  fake; never connect to them.  The end-to-end test (tests/test_aws_e2e.py) serves
+  on this machine's own 127.0.0.1 instead (`isolated=False`), so that `make` reaches
+  both the emulator and the cloud-like nodes that play its instances, in a subnet
+  of the test's own (no public addresses there).
 
 Use `ec2_emulator()` (a context manager) from tests; run clients with
 `Ec2Emulator.run()` / `Ec2Emulator.python()`, which wrap `ip netns exec`.
@@ -157,7 +160,7 @@ def client_env(endpoint: str, region: str, workdir: Path, base: dict[str, str] |
 
 @dataclass
 class Ec2Emulator:
-    netns: str
+    netns: str | None  # None: on this machine's loopback (isolated=False)
     endpoint: str
     region: str
     pid: int
@@ -173,13 +176,13 @@ class Ec2Emulator:
         timeout: float = 120,
         cwd: str | Path | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        """Run a command inside the emulator's namespace with the client env.
+        """Run a command where the emulator listens (its namespace, or this machine) with the client env.
 
         Not for concurrent use: afterwards it kills whatever else is left in
         the namespace (everything there but the server was started by us).
         """
         env = {**self.env, **(extra_env or {})}
-        cmd = ["ip", "netns", "exec", self.netns, *argv]
+        cmd = [*self.prefix, *argv]
         try:
             return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
         finally:
@@ -189,7 +192,7 @@ class Ec2Emulator:
     def python(
         self, code: str, *, extra_env: dict[str, str] | None = None, timeout: float = 120
     ) -> subprocess.CompletedProcess[str]:
-        """Run a Python snippet (with this interpreter) inside the namespace."""
+        """Run a Python snippet (with this interpreter) where the emulator listens."""
         return self.run([sys.executable, "-c", code], extra_env=extra_env, timeout=timeout)
 
     def python_json(self, code: str, *, extra_env: dict[str, str] | None = None, timeout: float = 120) -> Any:
@@ -203,7 +206,14 @@ class Ec2Emulator:
             )
         return json.loads(lines[-1])
 
+    @property
+    def prefix(self) -> list[str]:
+        """What runs a command where the emulator listens."""
+        return ["ip", "netns", "exec", self.netns] if self.netns else []
+
     def netns_pids(self) -> list[int]:
+        if self.netns is None:
+            return []  # no namespace of ours: nothing to sweep
         out = _ip("netns", "pids", self.netns, check=False).stdout
         return [int(p) for p in out.split()]
 
@@ -254,8 +264,10 @@ def ec2_emulator(
     validate_keypair: bool = True,
     validate_instance_type: bool = True,
     validate_ami: bool = False,
+    isolated: bool = True,
 ) -> Iterator[Ec2Emulator]:
-    """Start moto in a fresh loopback-only namespace; yield how to reach it; tear down.
+    """Start moto in a fresh loopback-only namespace (isolated=False: on this machine's 127.0.0.1);
+    yield how to reach it; tear down.
 
     The validations make moto refuse what AWS refuses (unknown key pair or
     instance type); AMI validation is off because moto only knows its own
@@ -266,17 +278,20 @@ def ec2_emulator(
     if shutil.which("ip") is None:
         raise EmulatorError("iproute2 `ip` not found")
     _sweep_stale_netns()
-    netns = f"clapemu-{os.getpid()}-{secrets.token_hex(3)}"
+    netns = f"clapemu-{os.getpid()}-{secrets.token_hex(3)}" if isolated else None
     workdir = Path(tempfile.mkdtemp(prefix="clapemu."))
     log = workdir / "moto.log"
     proc: subprocess.Popen[str] | None = None
     try:
-        _ip("netns", "add", netns)
+        if netns:
+            _ip("netns", "add", netns)
     except subprocess.CalledProcessError as e:
         shutil.rmtree(workdir, ignore_errors=True)
         raise EmulatorError(f"ip netns add failed: {e.stderr.strip()}") from None
+    prefix = ["ip", "netns", "exec", netns] if netns else []
     try:
-        _ip("netns", "exec", netns, "ip", "link", "set", "lo", "up")
+        if netns:
+            _ip("netns", "exec", netns, "ip", "link", "set", "lo", "up")
         server_env = client_env(f"http://{LOOPBACK}:0", region, workdir)
         flags = {
             "MOTO_ENABLE_KEYPAIR_VALIDATION": validate_keypair,
@@ -287,7 +302,7 @@ def ec2_emulator(
         with open(log, "w") as logf:
             # `ip netns exec` execs the command, so proc.pid is the server itself.
             proc = subprocess.Popen(
-                ["ip", "netns", "exec", netns, sys.executable, str(Path(__file__).resolve()),
+                [*prefix, sys.executable, str(Path(__file__).resolve()),
                  "serve", "--host", LOOPBACK, "--port", str(port), "--region", region],
                 stdout=subprocess.PIPE, stderr=logf, text=True, env=server_env,
             )  # fmt: skip
@@ -309,7 +324,8 @@ def ec2_emulator(
                 proc.wait(timeout=5)
             if proc.stdout is not None:
                 proc.stdout.close()
-        _delete_netns(netns)
+        if netns:
+            _delete_netns(netns)
         shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -71,10 +71,29 @@ def user_data(ends_at: float) -> str:
             'shutdown -h "+$minutes"\n')
 
 
+def security_groups(client: Any, template: Mapping[str, Any]) -> dict[str, list[str]]:
+    """The launch's security group, as RunInstances takes it: by name in the default VPC; by id in the
+    template's subnet (network_ids), since EC2 looks a name up in the default VPC only."""
+    group, subnets = template.get("security_group"), template.get("network_ids") or []
+    if not group:
+        return {}
+    if not subnets:
+        return {"SecurityGroups": [group]}
+    vpc = client.describe_subnets(SubnetIds=subnets[:1])["Subnets"][0]["VpcId"]
+    found = client.describe_security_groups(Filters=[{"Name": "group-name", "Values": [group]},
+                                                     {"Name": "vpc-id", "Values": [vpc]}])["SecurityGroups"]
+    if not found:
+        raise aws.AwsError(f"no security group {group} in {vpc}, the VPC of subnet {subnets[0]} (network_ids of "
+                           f"{template['flavor']} in instances.yaml): create it there with an all-TCP rule from the "
+                           f"group itself, or name a group of that VPC")
+    return {"SecurityGroupIds": [found[0]["GroupId"]]}
+
+
 def run_request(launch: Launch, template: Mapping[str, Any], key_name: str, image: Mapping[str, Any],
-                count: int) -> dict[str, Any]:
+                count: int, groups: Mapping[str, list[str]] | None = None) -> dict[str, Any]:
     """The one RunInstances request that starts `count` nodes of `template` (instances.yaml's keys)
-    from `image` (as DescribeImages gives it). `make check` sends the same request with DryRun."""
+    from `image` (as DescribeImages gives it), in `groups` (security_groups; None: the template's
+    group by name). `make check` sends the same request with DryRun."""
     tags = [{"Key": key, "Value": value} for key, value in launch.tags.items()]
     request: dict[str, Any] = {
         "ImageId": image["ImageId"], "InstanceType": template["flavor"], "KeyName": key_name,
@@ -84,8 +103,8 @@ def run_request(launch: Launch, template: Mapping[str, Any], key_name: str, imag
         "TagSpecifications": [{"ResourceType": kind, "Tags": tags} for kind in ("instance", "volume")],
         "ClientToken": uuid.uuid4().hex,  # botocore retries a timed-out call: EC2 starts the nodes once
     }
-    if template.get("security_group"):
-        request["SecurityGroups"] = [template["security_group"]]
+    request.update(groups if groups is not None
+                   else {"SecurityGroups": [template["security_group"]]} if template.get("security_group") else {})
     subnets = template.get("network_ids") or []
     if len(subnets) > 1:
         raise aws.AwsError(f"the instances.yaml template of {template['flavor']} lists {len(subnets)} network_ids "

@@ -27,7 +27,7 @@ from clap.node import NodeDescriptor, NodeLifecycle, NodeStatus, NodeType
 
 import aws
 from aws import aws_errors
-from aws_launch import image_of, launch_for, owner_id, run_request
+from aws_launch import image_of, launch_for, owner_id, run_request, security_groups
 from config import Settings
 
 # What CLAP makes of EC2's states; an instance EC2 no longer knows is STOPPED (gone) as well.
@@ -53,7 +53,9 @@ class AwsProvider(AbstractInstanceProvider):
             session = self._session(instance.provider.provider_config_id)
             client = aws.client(session, "ec2")
             image = image_of(session, client, instance.instance.image_id)
-            request = run_request(launch, asdict(instance.instance), instance.login.keypair_name, image, count)
+            template = asdict(instance.instance)
+            request = run_request(launch, template, instance.login.keypair_name, image, count,
+                                  security_groups(client, template))
             ids = [i["InstanceId"] for i in client.run_instances(**request)["Instances"]]
         with aws_errors(f"{', '.join(ids)} carry the cluster's tags and end by themselves after MAX_HOURS="
                         f"{self.settings.max_hours:g} h: `make down` terminates them"):

@@ -115,7 +115,7 @@ def check_aws(settings: Settings) -> None:
     key or a missing permission fails here, not half-way through a paid cluster."""
     import aws
     import aws_account
-    from aws_launch import image_of, launch_for, owner_id, run_request
+    from aws_launch import image_of, launch_for, owner_id, run_request, security_groups
 
     template, provider, login = aws_template(settings)
     private = settings.clap_path / "private"
@@ -167,7 +167,8 @@ def check_aws(settings: Settings) -> None:
     launch = launch_for(settings, {"cluster_id": "c-check", "created": time.time()}, owner_id(settings) or "o-check")
     made_up = "i-0123456789abcdef0"  # no instance of ours may exist yet: EC2 checks the permission first
     with aws.aws_errors():
-        aws_account.dry_run(client, "run_instances", **run_request(launch, template, settings.keypair_name, image, 1))
+        request = run_request(launch, template, settings.keypair_name, image, 1, security_groups(client, template))
+        aws_account.dry_run(client, "run_instances", **request)
         aws_account.dry_run(client, "create_tags", Resources=[made_up],
                             Tags=[{"Key": aws.TAG_PROJECT, "Value": "check"}])
         aws_account.dry_run(client, "terminate_instances", InstanceIds=[made_up])

@@ -35,7 +35,7 @@ from conftest import ROOT, clap_checkout, leftovers, need_root, project_env, sub
 from ec2_emulator import Ec2Emulator, ec2_emulator
 from local_hosts import LocalHosts
 from local_netns import LocalHostError, pid_alive
-from test_aws_steps import client_side, instances, prepare_aws
+from test_aws_steps import GROUP, client_side, instances, prepare_aws
 
 pytestmark = [pytest.mark.xdist_group("aws_e2e"), pytest.mark.long]
 THIRD = 0  # this module's test subnet: subnet(THIRD)
@@ -88,12 +88,16 @@ class Hypervisor(threading.Thread):
 
 
 def seed_subnet(emulator: Ec2Emulator, cidr: str) -> str:
-    """A VPC and subnet equal to the test subnet; returns the subnet's id."""
+    """A VPC and subnet equal to the test subnet, with the nodes' security group of that VPC (a launch
+    in the subnet names it by id); returns the subnet's id."""
     return emulator.python_json(f"""
 import boto3, json
 ec2 = boto3.client("ec2", endpoint_url="{emulator.endpoint}", region_name="us-east-1",
                    aws_access_key_id="x", aws_secret_access_key="x")
 vpc = ec2.create_vpc(CidrBlock="{cidr}")["Vpc"]["VpcId"]
+gid = ec2.create_security_group(GroupName="{GROUP}", Description="nodes", VpcId=vpc)["GroupId"]
+ec2.authorize_security_group_ingress(GroupId=gid, IpPermissions=[{{"IpProtocol": "-1",
+    "UserIdGroupPairs": [{{"GroupId": gid}}]}}])
 print(json.dumps(ec2.create_subnet(VpcId=vpc, CidrBlock="{cidr}")["Subnet"]["SubnetId"]))
 """)
 

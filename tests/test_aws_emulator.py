@@ -289,6 +289,33 @@ def test_security_group_open_to_its_members(emulator: Ec2Emulator, clap_path: Pa
 
 
 @needs_root
+def test_a_template_subnet_launches_in_its_vpcs_group_by_id(emulator: Ec2Emulator, clap_path: Path) -> None:
+    """EC2 takes a group name only in the default VPC: in a template's subnet the launch names the
+    group of that subnet's VPC by id, and a VPC without the group is one sentence, before any launch."""
+    body = """
+    import aws_launch
+    vpc = ec2.create_vpc(CidrBlock="10.77.0.0/16")["Vpc"]["VpcId"]
+    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.77.1.0/24")["Subnet"]["SubnetId"]
+    ec2.create_security_group(GroupName="open", Description="default VPC's")
+    gid = ec2.create_security_group(GroupName="open", Description="x", VpcId=vpc)["GroupId"]
+    template = {"flavor": "t2.micro", "security_group": "open"}
+    by_name = aws_launch.security_groups(ec2, template)
+    by_id = aws_launch.security_groups(ec2, {**template, "network_ids": [subnet]})
+    try:
+        aws_launch.security_groups(ec2, {**template, "security_group": "elsewhere", "network_ids": [subnet]})
+        missing = None
+    except aws.AwsError as error:
+        missing = str(error)
+    out([by_name, by_id == {"SecurityGroupIds": [gid]}, missing.replace(vpc, "VPC").replace(subnet, "SUBNET")])
+    """
+    by_name, by_id, missing = run_snippet(emulator, clap_path, body)
+    assert by_name == {"SecurityGroups": ["open"]} and by_id is True
+    assert missing == ("no security group elsewhere in VPC, the VPC of subnet SUBNET (network_ids of t2.micro in "
+                       "instances.yaml): create it there with an all-TCP rule from the group itself, or name a "
+                       "group of that VPC")
+
+
+@needs_root
 def test_check_credentials(tmp_path: Path) -> None:
     """moto accepts any key unless IAM auth is on; turn it on (moto-api/reset-auth) in a
     private emulator so a wrong key is really refused."""

@@ -99,8 +99,12 @@ def test_the_clock_notes_each_line_when_it_comes_and_wakes_for_nothing_else(tmp_
     assert marks[-1][1] == len(lines) == 2 + 12
     iterations = [t for t, count in marks if count > 2]
     gaps = [after - before for before, after in zip(iterations, iterations[1:], strict=False)]
-    # Each line noted when it came: the app's pace, to a wake-up's delay (under 0.15 s on a loaded machine).
-    assert 0.28 < statistics.median(gaps) < 0.32 and all(0.15 < gap < 0.45 for gap in gaps), gaps
+    # Each line noted when it came: the app's pace, give or take a wake-up's delay. Under CI's load one
+    # wake came 0.23 s late (a gap of 0.075 s, then a long one), so single gaps only bound a stall; the
+    # median and the whole span hold the pace, as the jitter of one line cancels in the next gap.
+    span = iterations[-1] - iterations[0]
+    assert 0.28 < statistics.median(gaps) < 0.32 and abs(span - 0.3 * len(gaps)) < 0.3, gaps
+    assert all(0 < gap < 0.75 for gap in gaps), gaps
 
 
 def test_without_a_clock_or_a_sample_the_watchdog_keeps_no_clock(tmp_path: Path) -> None:

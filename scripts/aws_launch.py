@@ -90,10 +90,10 @@ def security_groups(client: Any, template: Mapping[str, Any]) -> dict[str, list[
 
 
 def run_request(launch: Launch, template: Mapping[str, Any], key_name: str, image: Mapping[str, Any],
-                count: int, groups: Mapping[str, list[str]] | None = None) -> dict[str, Any]:
+                count: int, groups: Mapping[str, list[str]]) -> dict[str, Any]:
     """The one RunInstances request that starts `count` nodes of `template` (instances.yaml's keys)
-    from `image` (as DescribeImages gives it), in `groups` (security_groups; None: the template's
-    group by name). `make check` sends the same request with DryRun."""
+    from `image` (as DescribeImages gives it), in `groups` (as security_groups names them).
+    `make check` sends the same request with DryRun."""
     tags = [{"Key": key, "Value": value} for key, value in launch.tags.items()]
     request: dict[str, Any] = {
         "ImageId": image["ImageId"], "InstanceType": template["flavor"], "KeyName": key_name,
@@ -103,8 +103,7 @@ def run_request(launch: Launch, template: Mapping[str, Any], key_name: str, imag
         "TagSpecifications": [{"ResourceType": kind, "Tags": tags} for kind in ("instance", "volume")],
         "ClientToken": uuid.uuid4().hex,  # botocore retries a timed-out call: EC2 starts the nodes once
     }
-    request.update(groups if groups is not None
-                   else {"SecurityGroups": [template["security_group"]]} if template.get("security_group") else {})
+    request.update(groups)
     subnets = template.get("network_ids") or []
     if len(subnets) > 1:
         raise aws.AwsError(f"the instances.yaml template of {template['flavor']} lists {len(subnets)} network_ids "

@@ -251,13 +251,14 @@ def test_the_spot_request_asks_for_the_max_price(project: dict) -> None:
     settings = config.load_settings({**project, "PROVIDER": "aws", "MARKET": "spot", "SPOT_MAX_PRICE": "0.04"})
     launch = aws_launch.launch_for(settings, {"cluster_id": "c-1", "created": 0.0}, "o-" + "0" * 16)
     template = {"flavor": "t2.medium", "security_group": GROUP, "boot_disk_size": 40}
-    request = aws_launch.run_request(launch, template, KEYPAIR, {"ImageId": "ami-1", "RootDeviceName": "/dev/sda1"}, 2)
+    request = aws_launch.run_request(launch, template, KEYPAIR, {"ImageId": "ami-1", "RootDeviceName": "/dev/sda1"}, 2,
+                                     {})
     assert request["InstanceMarketOptions"] == {"MarketType": "spot", "SpotOptions": {
         "SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate", "MaxPrice": "0.04"}}
     on_demand = config.load_settings({**project, "PROVIDER": "aws"})
     launch = aws_launch.launch_for(on_demand, {"cluster_id": "c-1", "created": 0.0}, "o-" + "0" * 16)
     assert "InstanceMarketOptions" not in aws_launch.run_request(launch, template, KEYPAIR, {"ImageId": "ami-1",
-                                                                 "RootDeviceName": "/dev/sda1"}, 2)
+                                                                 "RootDeviceName": "/dev/sda1"}, 2, {})
 
 
 def test_the_template_network_ids_is_the_subnet_the_nodes_start_in(project: dict) -> None:
@@ -269,12 +270,12 @@ def test_the_template_network_ids_is_the_subnet_the_nodes_start_in(project: dict
     launch = aws_launch.launch_for(settings, {"cluster_id": "c-1", "created": 0.0}, "o-" + "0" * 16)
     image = {"ImageId": "ami-1", "RootDeviceName": "/dev/sda1"}
     template = {"flavor": "t2.medium", "security_group": GROUP}
-    assert "SubnetId" not in aws_launch.run_request(launch, template, KEYPAIR, image, 2)  # the default VPC's
-    request = aws_launch.run_request(launch, {**template, "network_ids": ["subnet-1"]}, KEYPAIR, image, 2)
+    assert "SubnetId" not in aws_launch.run_request(launch, template, KEYPAIR, image, 2, {})  # the default VPC's
+    request = aws_launch.run_request(launch, {**template, "network_ids": ["subnet-1"]}, KEYPAIR, image, 2, {})
     assert request["SubnetId"] == "subnet-1"
     with pytest.raises(aws.AwsError, match=r"the instances.yaml template of t2.medium lists 2 network_ids "
                                            r"\(subnet-1, subnet-2\): name the one subnet its nodes start in."):
-        aws_launch.run_request(launch, {**template, "network_ids": ["subnet-1", "subnet-2"]}, KEYPAIR, image, 2)
+        aws_launch.run_request(launch, {**template, "network_ids": ["subnet-1", "subnet-2"]}, KEYPAIR, image, 2, {})
 
 
 def test_a_refused_launch_is_one_sentence_and_boto_is_never_imported(aws_env: dict, emulator: Ec2Emulator) -> None:

@@ -264,7 +264,9 @@ def test_a_sampled_sweep_records_a_failed_sample_predicts_validates_and_resumes(
     prediction = point["sample"]["prediction"]
     assert point["sample"]["state"] == "done" and point["state"] == "done"
     assert prediction["wall_low_s"] <= prediction["wall_s"] <= prediction["wall_high_s"]
-    assert 0 < point["sample"]["wall_seconds"] < point["wall_seconds"]  # the sample stopped before the end
+    # The sample stopped before the end: in iterations (below), not in seconds, which the machine's load
+    # sets (in CI a 27 s sample outlasted its 22 s full run).
+    assert point["sample"]["wall_seconds"] > 0
     sample_run = Path(env["RESULTS_DIR"]) / point["sample"]["run_id"]
     assert (sample_run / ".rank-0.clock").exists() and not (sample_run / "summary.md").exists()
     log = (sample_run / "output-0.txt").read_text()

@@ -52,10 +52,16 @@ def test_setup_says_when_the_python_lacks_torch(cluster: dict) -> None:
     assert "/usr/bin/python3 has no torch" in failure_messages(result)
 
 
-def test_run_trains_one_rank_per_node(cluster: dict) -> None:
+@pytest.fixture(scope="module")
+def trained(cluster: dict) -> Path:
+    """Run r1 (2 epochs) on the module's hosts, once for the tests that need a run: its folder."""
     result = play(cluster, "run", run_id="r1", epochs=2, master_hostname=cluster["ids"][0])
     assert result.status == "successful", failure_messages(result)
-    run_dir = cluster["user_dir"] / "runs" / "r1"
+    return cluster["user_dir"] / "runs" / "r1"
+
+
+def test_run_trains_one_rank_per_node(cluster: dict, trained: Path) -> None:
+    run_dir = trained
     for rank, node_id in enumerate(cluster["ids"]):
         log = (run_dir / f"output-{rank}.txt").read_text()
         assert f"Rank: {rank}. World Size: 2" in log
@@ -65,7 +71,7 @@ def test_run_trains_one_rank_per_node(cluster: dict) -> None:
     assert list(run_dir.glob("fake_samples_rank_0_epoch_1_iter_0.png"))
 
 
-def test_results_land_once_and_are_never_overwritten(cluster: dict, tmp_path: Path) -> None:
+def test_results_land_once_and_are_never_overwritten(cluster: dict, trained: Path, tmp_path: Path) -> None:
     results = tmp_path / "results"
     first = play(cluster, "results", results_dir=str(results), run_id="r1")
     assert first.status == "successful", failure_messages(first)

@@ -19,7 +19,7 @@ from ec2_emulator import Ec2Emulator
 from local_hosts import LocalHosts
 from test_aws_steps import instances, prepare_aws
 from test_aws_steps import make as make_aws
-from test_clap_e2e import app_processes
+from test_clap_e2e import app_processes, interruptible_make
 
 
 def make(env: dict, *targets: str, **settings: str) -> subprocess.CompletedProcess:
@@ -63,24 +63,40 @@ def env(project: dict) -> Iterator[dict]:
     assert leftovers(subnet_tag(251)) == []
 
 
+def interrupt(sweep: subprocess.Popen) -> None:
+    """A sweep still going when its test ends (it failed) gets a Ctrl-C, as from a user, so that it stops
+    its nodes; killing `make` alone would leave the sweep going on behind the fixture's `make down`."""
+    if sweep.poll() is None:
+        os.killpg(sweep.pid, signal.SIGINT)
+        try:
+            sweep.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(sweep.pid, signal.SIGKILL)
+            sweep.communicate()
+
+
 def sweep_record(env: dict) -> tuple[Path, dict]:
     folder = next(Path(env["RESULTS_DIR"]).glob("sweep-*"))
     return folder, json.loads((folder / "sweep.json").read_text())
 
 
 def kill_rank_in_point(env: dict, point: int, rank: int, points: int = 3) -> None:
-    """Once the (first) run of that point trains on that rank, kill the rank's app (SIGKILL)."""
+    """Once the (first) run of that point trains on that rank, kill the rank's app (SIGKILL). `make status`
+    is asked before: the run of a point is a few seconds long, and the app would end while it answered."""
     nodes_file, runs = Path(env["NODES_FILE"]), Path(env["EFS_MOUNT_POINT"]) / "dcgan" / "runs"
     deadline = time.monotonic() + 300
+    status_seen = False
     while time.monotonic() < deadline:
         try:
             state = json.loads(nodes_file.read_text())
         except (OSError, ValueError):
             state = {}
-        run = (state.get("runs") or [{}])[-1]
-        if state.get("sweep", {}).get("point") == point and run.get("state") == "running" and \
-                "[iteration: 1/" in "".join(p.read_text() for p in runs.glob(f"{run['id']}/output-{rank}.txt")):
+        if state.get("sweep", {}).get("point") == point and not status_seen:
             assert f"sweep: point {point} of {points} ({point} type-local nodes)" in make(env, "status").stdout
+            status_seen = True
+        run = (state.get("runs") or [{}])[-1]
+        if status_seen and run.get("state") == "running" and \
+                "[iteration: 0/" in "".join(p.read_text() for p in runs.glob(f"{run['id']}/output-{rank}.txt")):
             hosts = LocalHosts(Path(env["CLAP_PATH"]) / "storage" / "local", subnet(251)).hosts()
             namespace = next(h.namespace for h in hosts if h.address == state["nodes"][rank]["address"])
             app = app_processes(namespace)
@@ -93,13 +109,12 @@ def kill_rank_in_point(env: dict, point: int, rank: int, points: int = 3) -> Non
 
 @pytest.mark.long  # three points, then the rerun of one: the longest test
 def test_sweep_records_a_killed_point_and_a_rerun_redoes_only_it(env: dict) -> None:
-    sweep = subprocess.Popen(["make", "-s", "-C", str(ROOT), "sweep"], env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    sweep = interruptible_make(["sweep"], env)
     try:
         kill_rank_in_point(env, point=2, rank=1)
         out, err = sweep.communicate(timeout=600)
     finally:
-        sweep.kill()
+        interrupt(sweep)
     assert sweep.returncode != 0, out[-3000:] + err[-3000:]
     assert "point 2 of 3: 2 type-local nodes" in out
     assert "setup done on 1 new of 3 nodes" in out  # a grown cluster sets up only its new node
@@ -239,13 +254,12 @@ def sampled_env(env: dict) -> dict:
 
 def test_a_sampled_sweep_records_a_failed_sample_predicts_validates_and_resumes(sampled_env: dict) -> None:
     env = sampled_env
-    sweep = subprocess.Popen(["make", "-s", "-C", str(ROOT), "sweep"], env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    sweep = interruptible_make(["sweep"], env)
     try:
         kill_rank_in_point(env, point=1, rank=0, points=2)  # during the sample, the point's first run
         out, err = sweep.communicate(timeout=600)
     finally:
-        sweep.kill()
+        interrupt(sweep)
     assert sweep.returncode != 0, out[-3000:] + err[-3000:]
     assert "failed: type-local/1; `make sweep` again redoes them." in out
     folder, record = sweep_record(env)

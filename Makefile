@@ -12,7 +12,7 @@ STAMP := $(VENV)/.stamp
 LOCAL_STAMP := $(VENV)/.stamp-local
 CLAP_SOURCE := $(or $(CLAP),CLAP)/app/cli/modules/node.py
 PYTEST_ARGS ?=#           e.g. make test PYTEST_ARGS='-k role -x'
-PYTEST_WORKERS ?= 2#      tests at once (pytest-xdist), each on its own subnets; 0: one at a time
+PYTEST_WORKERS ?= 3#      tests at once (pytest-xdist), each on its own subnets; 0: one at a time
 RUN ?=#                   the fetched run `make report` reads (default: the newest)
 
 ##@ The experiment

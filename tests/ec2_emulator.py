@@ -9,7 +9,7 @@ Why it looks like this:
   as AWS's public parameter names the current Ubuntu LTS AMI.
 - Nothing here may reach the outside: the server and every client run inside a
   fresh network namespace that has only `lo`.  The instances' "public" IPs are
-  fake; never connect to them.  The end-to-end test (tests/test_aws_e2e.py) serves
+  fake; never connect to them.  The course's path (tests/test_cloud_path.py) serves
   on this machine's own 127.0.0.1 instead (`isolated=False`), so that `make` reaches
   both the emulator and the cloud-like nodes that play its instances, in a subnet
   of the test's own (no public addresses there).

@@ -304,13 +304,13 @@ def test_a_dropped_link_stops_the_watching_not_the_run(env: dict) -> None:
     own traffic untouched): `make run` says it lost contact and leaves the run running; the training
     goes on; `make run` then re-attaches to the same run, which finishes."""
     assert make(env, "up", "setup").returncode == 0
-    training = subprocess.Popen(["make", "-s", "-C", str(ROOT), "run"], env={**env, "EPOCHS": "60"},
+    training = subprocess.Popen(["make", "-s", "-C", str(ROOT), "run"], env={**env, "EPOCHS": "45"},
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     state = json.loads(Path(env["NODES_FILE"]).read_text())
     cut = [rule for node in state["nodes"] for rule in (["OUTPUT", "-d", node["address"], "-j", "DROP"],
                                                           ["INPUT", "-s", node["address"], "-j", "DROP"])]
     try:
-        run_dir = wait_for_run_log(env, "[epoch: 1/60]")
+        run_dir = wait_for_run_log(env, "[epoch: 1/45]")
         started = {rank: json.loads((run_dir / f".rank-{rank}.json").read_text()) for rank in (0, 1)}
         for rule in cut:
             subprocess.run(["iptables", "-w", "-I", *rule], check=True)
@@ -329,12 +329,12 @@ def test_a_dropped_link_stops_the_watching_not_the_run(env: dict) -> None:
     run = json.loads(Path(env["NODES_FILE"]).read_text())["runs"][-1]
     assert run["state"] == "running"
 
-    again = make(env, "run", EPOCHS="60")
+    again = make(env, "run", EPOCHS="45")
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"re-attaching to run {run['id']}" in again.stdout
     for rank in (0, 1):
         assert json.loads((run_dir / f".rank-{rank}.json").read_text()) == started[rank]  # not restarted
-        assert f"[rank: {rank}] Epoch 59 took:" in (run_dir / f"output-{rank}.txt").read_text()
+        assert f"[rank: {rank}] Epoch 44 took:" in (run_dir / f"output-{rank}.txt").read_text()
 
 
 def wait_for_run_log(env: dict, line: str, rank: int = 0, timeout: float = 120) -> Path:

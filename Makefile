@@ -64,9 +64,11 @@ sweep: $(STAMP) ## one run per size of SIZES (and type of INSTANCE_TYPES) into R
 .PHONY: deps
 deps: $(STAMP) ## make the venv with the pinned requirements (only when they change; torch comes on first local use)
 
+# --no-compile: of its 9,000 modules a step imports a few hundred, compiled on first import (a third
+# of pip's time saved). torch, below, is compiled at install: every rank imports most of it at once.
 $(STAMP): requirements.txt requirements-collections.txt requirements-dev.txt | $(CLAP_SOURCE)
 	$(PY) -c '' 2>/dev/null || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install -q --no-compile -r requirements.txt -r requirements-dev.txt
 	$(PY) scripts/role_collections.py requirements-collections.txt
 	touch $@
 
@@ -81,6 +83,8 @@ $(LOCAL_STAMP): requirements-local.txt | $(STAMP)
 
 .PHONY: test
 test: export CLAP := $(or $(CLAP),$(shell $(PYTHON) scripts/clap_source.py for-tests))
+# The tests start thousands of Pythons: each module is compiled once, by the first that imports it.
+test: export PYTHONDONTWRITEBYTECODE :=
 test: $(STAMP) $(LOCAL_STAMP) lint ## lint, then every test (CLAP: yours, the submodule, or the pinned archive in ../shared)
 	$(PY) -m pytest --numprocesses $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 

@@ -51,7 +51,7 @@ pytestmark = [pytest.mark.xdist_group("cloud_path"), pytest.mark.long]
 THIRD = 248  # the EC2 cluster's subnet: subnet(THIRD)
 LOCAL_VM_THIRD = 247  # the local provider's cloud-like nodes
 LOCK_HELD_S = 20
-POLL_S = 0.5
+POLL_S = 1.0  # how often the hypervisor asks EC2 what runs
 
 
 class Hypervisor(threading.Thread):

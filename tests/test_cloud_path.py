@@ -127,8 +127,11 @@ print(json.dumps([a for a in (i.get("PrivateIpAddress"), i.get("PublicIpAddress"
 """)
 
 
+Cloud = tuple[Ec2Emulator, dict, Hypervisor]  # the emulator, the checkout's environment, the hypervisor
+
+
 @pytest.fixture(scope="module")
-def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Ec2Emulator, dict, Hypervisor]]:
+def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cloud]:
     """The emulator on loopback, its subnet ours, the hypervisor beside it, and the user's checkout
     (PROVIDER=aws) with its template in that subnet and the EFS stand-in as its shared filesystem;
     `make up` done. Whatever a test leaves is ended by `make down` and the hypervisor's records."""
@@ -168,8 +171,6 @@ def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Ec2Emulato
             make((emulator, env, hypervisor), "down")
             hypervisor.stop()
 
-
-Cloud = tuple[Ec2Emulator, dict, Hypervisor]
 
 
 def make(cloud: Cloud, *targets: str, **extra: str) -> subprocess.CompletedProcess:

@@ -127,6 +127,12 @@ print(json.dumps([a for a in (i.get("PrivateIpAddress"), i.get("PublicIpAddress"
 """)
 
 
+def need_cloud_like_nodes() -> None:
+    need_root()
+    if local_tree.needs():
+        pytest.skip(f"cloud-like nodes need {', '.join(local_tree.needs())} (.ci/run installs them)")
+
+
 Cloud = tuple[Ec2Emulator, dict, Hypervisor]  # the emulator, the checkout's environment, the hypervisor
 
 
@@ -135,10 +141,8 @@ def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cloud]:
     """The emulator on loopback, its subnet ours, the hypervisor beside it, and the user's checkout
     (PROVIDER=aws) with its template in that subnet and the EFS stand-in as its shared filesystem;
     `make up` done. Whatever a test leaves is ended by `make down` and the hypervisor's records."""
-    need_root()
+    need_cloud_like_nodes()
     pytest.importorskip("moto.server", reason="moto[server] is not installed")
-    if local_tree.needs():
-        pytest.skip(f"cloud-like nodes need {', '.join(local_tree.needs())} (.ci/run installs them)")
     # The cloud's side: its hosts' records, the EFS stand-in's folder, with the demo app and data on it.
     side = project_env(tmp_path_factory.mktemp("cloud"))
     side.update({"INSTANCE_TYPE": "type-local-vm", "LOCAL_SUBNET": subnet(THIRD)})
@@ -183,12 +187,16 @@ def state(cloud: Cloud) -> dict:
     return json.loads(Path(cloud[1]["NODES_FILE"]).read_text())
 
 
-def ssh(cloud: Cloud, rank: int, command: str) -> list[str]:
-    """The command line that runs `command` as the login user (ubuntu) of a node, with the key pair's key."""
-    key = Path(cloud[1]["CLAP_PATH"]) / "private" / "key.pem"
+def as_ubuntu(key: Path, address: str, command: str) -> list[str]:
+    """The command line that runs `command` as a node's login user (ubuntu), with that key."""
     return ["ssh", "-i", str(key), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-            "-o", "LogLevel=ERROR", "-o", "ControlPath=none", f"ubuntu@{state(cloud)['nodes'][rank]['address']}",
-            command]
+            "-o", "LogLevel=ERROR", "-o", "ControlPath=none", f"ubuntu@{address}", command]
+
+
+def ssh(cloud: Cloud, rank: int, command: str) -> list[str]:
+    """`command` as the login user of the cluster's node of that rank, with the key pair's key."""
+    return as_ubuntu(Path(cloud[1]["CLAP_PATH"]) / "private" / "key.pem", state(cloud)["nodes"][rank]["address"],
+                     command)
 
 
 def on_node(cloud: Cloud, rank: int, command: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -363,9 +371,7 @@ def assert_nothing_left(hosts: LocalHosts, third: int, pids: set[int]) -> None:
 def test_local_vm_nodes_come_up_whole_with_their_efs_and_go_leaving_nothing(tmp_path: Path) -> None:
     """INSTANCE_TYPE=type-local-vm: the local provider starts the same nodes itself, with the EFS
     stand-in and the proxy, and records how the role mounts the stand-in; `make down` ends them all."""
-    need_root()
-    if local_tree.needs():
-        pytest.skip(f"cloud-like nodes need {', '.join(local_tree.needs())} (.ci/run installs them)")
+    need_cloud_like_nodes()
     env = project_env(tmp_path)
     env.update({"CLAP": str(clap_checkout()), "INSTANCE_TYPE": "type-local-vm", "LOCAL_SUBNET": subnet(LOCAL_VM_THIRD)})
     del env["EFS_MOUNT_POINT"]  # the nodes' own default, /home/ubuntu/efs, as on AWS
@@ -380,14 +386,12 @@ def test_local_vm_nodes_come_up_whole_with_their_efs_and_go_leaving_nothing(tmp_
         assert recorded["efs"] == {"efs_host": efs.address, "efs_source": f"root@{efs.address}:/",
                                    **local_vm.EFS_MOUNT}
         for node in nodes:  # each a whole OS of its own, reached as ubuntu with the cluster's key
-            whole = subprocess.run(
-                ["ssh", "-i", str(Path(env["CLAP_PATH"]) / "private" / "local_key"), "-o", "StrictHostKeyChecking=no",
-                 "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", f"ubuntu@{node['address']}",
-                 "ps -p 1 -o comm=; sudo -n apt-get --version | head -1; hostname -I"],
-                capture_output=True, text=True, timeout=60)
+            whole = subprocess.run(as_ubuntu(Path(env["CLAP_PATH"]) / "private" / "local_key", node["address"],
+                                             "ps -p 1 -o comm=; sudo -n apt-get --version | head -1; hostname -I"),
+                                   capture_output=True, text=True, timeout=60)
             assert whole.returncode == 0, whole.stderr
-            assert whole.stdout.split("\n")[0] == "systemd" and whole.stdout.split("\n")[1].startswith("apt ")
-            assert node["address"] in whole.stdout.split("\n")[2].split()
+            init, apt, addresses = whole.stdout.splitlines()
+            assert init == "systemd" and apt.startswith("apt ") and node["address"] in addresses.split()
         pids = {host.pid for host in local.hosts()}
         down = local_make(env, "down")
         assert down.returncode == 0, down.stdout[-3000:] + down.stderr[-3000:]

@@ -195,7 +195,15 @@ def own_cost(points: list[dict]) -> str:
         dollars = [sum(p["hourly_usd"] * seconds for p, seconds in zip(points, each, strict=True)) / 3600
                    for each in sweeps]
         text += f", ${dollars[0]:.4f} against ${dollars[1]:.4f} on AWS"
-    return text + "."
+    text += "."
+    timed = [p for p in points if "first" in p.get("timing", {})]
+    if timed:  # why the share is what it is: the part of a run that no sample can leave out
+        fixed = sum(p["timing"]["first"] + p["timing"]["end"] for p in timed)
+        total = sum(p["wall_seconds"] for p in timed)
+        text += (f" A sample pays its run's start (to the first iteration) and end in full: in the full runs they "
+                 f"took {fixed:.1f} s of {total:.1f} s ({fixed / total:.0%}), so sampling saves most on runs that "
+                 f"are long against their start.")
+    return text
 
 
 def figures(record: dict) -> list[dict]:

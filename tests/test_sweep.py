@@ -409,8 +409,11 @@ def test_sweep_md_keeps_predicted_and_measured_apart_and_scores_the_prediction(t
     assert line in text and sweep_report.error_line(record) == line  # make sweep prints it last but the pick
     assert ("their runs took 18.0 s against 175.0 s for the same points' full runs (10%); as whole sweeps (each "
             "point's nodes started and set up, its run and fetch) 34.0 s against 191.0 s (18%).") in text
+    assert ("in the full runs they took 13.4 s of 175.0 s (8%), so sampling saves most on runs that are long "
+            "against their start.") in text  # first 5.5 s and end 1.2 s of each full run
     assert text.rstrip().endswith("held to the top of the interval).")  # the pick: the last line
     assert (tmp_path / "sweep.png").stat().st_size > 10_000
     for point in record["points"].values():  # on AWS each point has its hourly price
         point["hourly_usd"] = 0.0464
-    assert "34.0 s against 191.0 s (18%), $0.0004 against $0.0025 on AWS." in sweep_report.validation(record)
+    dollars = "34.0 s against 191.0 s (18%), $0.0004 against $0.0025 on AWS. A sample pays"
+    assert dollars in sweep_report.validation(record)

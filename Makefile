@@ -78,7 +78,7 @@ $(CLAP_SOURCE):
 
 # torch, for the local demo and the tests only: the local steps install it on first use as well.
 $(LOCAL_STAMP): requirements-local.txt | $(STAMP)
-	$(PY) -m pip install -q -r requirements-local.txt
+	$(PY) scripts/demo_torch.py requirements-local.txt
 	touch $@
 
 .PHONY: test

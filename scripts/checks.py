@@ -4,20 +4,19 @@ keys and what EC2 says of the account for AWS). Each failure is one sentence wit
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import demo_torch
 import local_efs
 import local_tree
 from clap_configs import aws_template, check_configs
-from config import ROOT, Settings
-from output import UserError, say
+from config import Settings
+from output import UserError
 
 
 def preflight(settings: Settings) -> None:
@@ -73,22 +72,7 @@ def check_app_here(settings: Settings) -> None:
         raise UserError(f"DCGAN_PYTHON={settings.dcgan_python} is not an executable: point it at a Python "
                         f"that has torch.")
     if settings.runner == "native" and "DCGAN_PYTHON" not in settings.user_set and not settings.dry_run:
-        install_demo_torch(ROOT / "requirements-local.txt")
-
-
-def install_demo_torch(requirements: Path) -> None:
-    """The local demo trains with this venv's torch, which `make deps` leaves out (the AWS path does
-    not need it, and PyPI's Linux build is the multi-GB CUDA one): pip installs it on first use."""
-    if importlib.util.find_spec("torch"):
-        return
-    say(f"installing torch for the local demo, once ({requirements.name})")
-    done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", str(requirements)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        words = [line for line in done.stderr.splitlines() if line.startswith("ERROR")] or ["pip failed"]
-        raise UserError(f"pip could not install torch for the local demo ({words[0]}): for its CPU build on Linux "
-                        f"x86_64 add PyTorch's index (PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu), "
-                        f"or set DCGAN_PYTHON to a Python that has torch.")
+        demo_torch.install_if_missing()
 
 
 def check_cloud_like(settings: Settings) -> None:

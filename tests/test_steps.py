@@ -365,20 +365,34 @@ def test_torch_for_the_local_demo_comes_on_first_use(tmp_path: Path, monkeypatch
                                                      capsys: pytest.CaptureFixture) -> None:
     """`make deps` leaves torch out; the local path installs requirements-local.txt when it is missing,
     and says what to do when pip cannot (here: a wheel that is not there, so no network is asked)."""
-    import checks
+    import demo_torch
 
     assert "torch" not in (ROOT / "requirements.txt").read_text()
-    checks.install_demo_torch(tmp_path / "never-read.txt")  # torch is here: pip is not even started
+    demo_torch.install_if_missing(tmp_path / "never-read.txt")  # torch is here: pip is not even started
     assert capsys.readouterr().out == ""
-    monkeypatch.setattr(checks.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(demo_torch.importlib.util, "find_spec", lambda name: None)
     requirements = tmp_path / "requirements-local.txt"
     requirements.write_text(f"torch @ file://{tmp_path}/torch-2.13.0-cp311-cp311-linux_x86_64.whl\n")
     with pytest.raises(output.UserError) as refused:
-        checks.install_demo_torch(requirements)
+        demo_torch.install_if_missing(requirements)
     assert "installing torch for the local demo, once (requirements-local.txt)" in capsys.readouterr().out
     assert str(refused.value).startswith("pip could not install torch for the local demo (ERROR: ")
     assert "PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu" in str(refused.value)
     assert "\n" not in str(refused.value)
+
+
+def test_installing_torch_writes_the_bytecode_a_rank_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rank's first run should not compile torch's dependencies that `make deps` left uncompiled: the
+    install imports what a rank imports once, writing its bytecode even under PYTHONDONTWRITEBYTECODE
+    (here a module of this test's stands for sympy, which the ranks' torch._dynamo loads)."""
+    import demo_torch
+
+    (tmp_path / "uncompiled_dependency.py").write_text("VALUE = 1\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    monkeypatch.setattr(demo_torch, "RANK_IMPORTS", "import uncompiled_dependency")
+    demo_torch.write_rank_bytecode()
+    assert [path.name.split(".")[0] for path in (tmp_path / "__pycache__").glob("*.pyc")] == ["uncompiled_dependency"]
 
 
 def test_the_cloud_like_nodes_get_the_cpu_torch_of_requirements_local(tmp_path: Path) -> None:

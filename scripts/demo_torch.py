@@ -47,7 +47,12 @@ def install(requirements: Path = REQUIREMENTS) -> None:
 def write_rank_bytecode() -> None:
     """Import what a rank imports, writing its bytecode whatever PYTHONDONTWRITEBYTECODE says here."""
     env = {name: value for name, value in os.environ.items() if name != "PYTHONDONTWRITEBYTECODE"}
-    subprocess.run([sys.executable, "-c", RANK_IMPORTS], env=env, check=True)
+    done = subprocess.run([sys.executable, "-c", RANK_IMPORTS], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        raise UserError(f"torch is installed but `{RANK_IMPORTS}` fails in {sys.executable} ({last}): "
+                        f"reinstall it with `{sys.executable} -m pip install --force-reinstall "
+                        f"-r {REQUIREMENTS.name}`.")
 
 
 def main(argv: list[str] | None = None) -> int:

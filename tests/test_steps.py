@@ -393,6 +393,10 @@ def test_installing_torch_writes_the_bytecode_a_rank_reads(tmp_path: Path, monke
     monkeypatch.setattr(demo_torch, "RANK_IMPORTS", "import uncompiled_dependency")
     demo_torch.write_rank_bytecode()
     assert [path.name.split(".")[0] for path in (tmp_path / "__pycache__").glob("*.pyc")] == ["uncompiled_dependency"]
+    monkeypatch.setattr(demo_torch, "RANK_IMPORTS", "import missing_dependency")
+    with pytest.raises(output.UserError) as refused:
+        demo_torch.write_rank_bytecode()
+    assert "(ModuleNotFoundError: No module named 'missing_dependency'): reinstall it with" in str(refused.value)
 
 
 def test_the_cloud_like_nodes_get_the_cpu_torch_of_requirements_local(tmp_path: Path) -> None:

@@ -65,7 +65,8 @@ sweep: $(STAMP) ## one run per size of SIZES (and type of INSTANCE_TYPES) into R
 deps: $(STAMP) ## make the venv with the pinned requirements (only when they change; torch comes on first local use)
 
 # --no-compile: of its 9,000 modules a step imports a few hundred, compiled on first import (a third
-# of pip's time saved). torch, below, is compiled at install: every rank imports most of it at once.
+# of pip's time saved). torch, below, is compiled at install, with what a rank imports beside it
+# (scripts/demo_torch.py): every rank imports most of it at once.
 $(STAMP): requirements.txt requirements-collections.txt requirements-dev.txt | $(CLAP_SOURCE)
 	$(PY) -c '' 2>/dev/null || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --no-compile -r requirements.txt -r requirements-dev.txt

@@ -44,7 +44,7 @@ from conftest import ROOT, clap_checkout, leftovers, need_root, project_env, sub
 from ec2_emulator import Ec2Emulator, ec2_emulator
 from local_hosts import LocalHosts
 from local_netns import LocalHostError, pid_alive
-from test_aws_steps import GROUP, client_side, instances, prepare_aws
+from test_aws_steps import EC2, GROUP, client_side, instances, prepare_aws
 
 # One cluster for the whole module, its tests in order: on one pytest-xdist worker, handed out first.
 pytestmark = [pytest.mark.xdist_group("cloud_path"), pytest.mark.long]
@@ -102,10 +102,7 @@ class Hypervisor(threading.Thread):
 def seed_subnet(emulator: Ec2Emulator, cidr: str) -> str:
     """A VPC and subnet equal to the test subnet, with the nodes' security group of that VPC (a launch
     in the subnet names it by id); returns the subnet's id."""
-    return emulator.python_json(f"""
-import boto3, json
-ec2 = boto3.client("ec2", endpoint_url="{emulator.endpoint}", region_name="us-east-1",
-                   aws_access_key_id="x", aws_secret_access_key="x")
+    return emulator.python_json(EC2.format(endpoint=emulator.endpoint) + f"""
 vpc = ec2.create_vpc(CidrBlock="{cidr}")["Vpc"]["VpcId"]
 gid = ec2.create_security_group(GroupName="{GROUP}", Description="nodes", VpcId=vpc)["GroupId"]
 ec2.authorize_security_group_ingress(GroupId=gid, IpPermissions=[{{"IpProtocol": "-1",
@@ -116,10 +113,7 @@ print(json.dumps(ec2.create_subnet(VpcId=vpc, CidrBlock="{cidr}")["Subnet"]["Sub
 
 def probe_addresses(emulator: Ec2Emulator, subnet_id: str) -> list[str]:
     """The addresses the emulator gives an instance of the subnet (launched and terminated at once)."""
-    return emulator.python_json(f"""
-import boto3, json
-ec2 = boto3.client("ec2", endpoint_url="{emulator.endpoint}", region_name="us-east-1",
-                   aws_access_key_id="x", aws_secret_access_key="x")
+    return emulator.python_json(EC2.format(endpoint=emulator.endpoint) + f"""
 i = ec2.run_instances(ImageId="ami-12c6146b", InstanceType="t2.medium", MinCount=1, MaxCount=1,
                       SubnetId="{subnet_id}")["Instances"][0]
 ec2.terminate_instances(InstanceIds=[i["InstanceId"]])
@@ -174,7 +168,6 @@ def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cloud]:
         finally:
             make((emulator, env, hypervisor), "down")
             hypervisor.stop()
-
 
 
 def make(cloud: Cloud, *targets: str, **extra: str) -> subprocess.CompletedProcess:
